@@ -1,0 +1,292 @@
+"""The sparse MoE feed-forward layer (paper routing + grouped-GEMM experts), pure PyTorch.
+
+Travels with the Hub's remote code: it must not import transformers, deepspeed or anything outside
+torch and its flat siblings. Legend for shape comments: N all positions, T real (non-padding) tokens,
+D hidden size, F expert ffn size, E experts, K top-k, P = T·K (token, expert) pairs, R kept pairs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .moe_kernels import ACTIVATIONS, grouped_ffn
+
+
+@dataclass(frozen=True)
+class RouterInfo:
+    """What one SparseMoE call reports about its routing (for losses, logging and tests)."""
+
+    aux_loss: torch.Tensor  # scalar fp32: E·Σ_e mean_t(p_e)·frac_e, before dropping; 1.0 = balanced
+    z_loss: torch.Tensor  # scalar fp32: mean_t(logsumexp(logits)²)
+    router_logits: torch.Tensor  # [..., E] fp32, zeros at padding positions
+    tokens_per_expert: torch.Tensor  # [E] int64: (token, expert) pairs each expert processed
+    dropped_fraction: torch.Tensor  # scalar fp32: dropped pairs / (T·K)
+
+
+@dataclass(frozen=True)
+class RoutingPlan:
+    """Which (token, expert) pairs survive and where they go; handed from routing to dispatch/combine.
+
+    Pairs are numbered p = t·K + j (token t's j-th choice). `kept_pairs` lists the surviving pairs
+    sorted by expert; every expert's rows are contiguous, expert e owning `tokens_per_expert[e]` rows.
+    """
+
+    kept_pairs: torch.Tensor  # [R] int64, pair ids sorted by expert
+    tokens_per_expert: torch.Tensor  # [E] int64, sums to R
+    combine_weights: torch.Tensor  # [T, K] fp32, 0 for dropped pairs
+    num_tokens: int  # T
+    top_k: int  # K
+
+    @property
+    def token_index(self) -> torch.Tensor:
+        """[R] the token each kept pair belongs to."""
+        return torch.div(self.kept_pairs, self.top_k, rounding_mode="floor")
+
+
+def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
+    """Per-expert capacity `max(ceil(cf·K·T/E), min_capacity)` (DeepSpeed's definition, T = real tokens)."""
+    return max(math.ceil(capacity_factor * top_k * num_tokens / num_experts), min_capacity)
+
+
+def load_balancing_loss(probs: torch.Tensor, first_choice: torch.Tensor) -> torch.Tensor:
+    """Switch/DeepSpeed aux loss E·Σ_e mean_t(p_e)·frac_e with frac from the first choice; 1.0 when balanced."""
+    num_experts = probs.shape[-1]
+    frac = torch.bincount(first_choice, minlength=num_experts).to(probs.dtype) / first_choice.numel()
+    return num_experts * torch.sum(probs.mean(dim=0) * frac)
+
+
+def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE z-loss mean(logsumexp(logits)²): keeps router logits small so fp32/bf16 softmax stays stable."""
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def plan_routing(
+    probs: torch.Tensor, top_k: int, capacity: int | None, random_priority: bool
+) -> RoutingPlan:
+    """Choose top-k experts per token, then decide which pairs each expert keeps.
+
+    1. top-k experts per token (ties broken by lower expert id).
+    2. Order every expert's pairs by priority: random (RTS) or by position (all first choices in token
+       order, then all second choices: DeepSpeed's top-2 order).
+    3. One argsort over `expert·P + priority` groups pairs by expert in priority order; the first
+       `capacity` of each expert survive (all of them when `capacity is None`, the dropless mode).
+    4. Combine weights: the router probability for top-1; for top-2 the two probabilities renormalised
+       over the pairs that survived (GShard/DeepSpeed), so a token that lost one pair keeps its scale.
+    """
+    num_tokens, num_experts = probs.shape
+    num_pairs = num_tokens * top_k
+    device = probs.device
+    # 1.
+    topk_probs, topk_experts = probs.topk(top_k, dim=-1)  # [T, K]
+    expert_of_pair = topk_experts.reshape(-1)  # [P]
+    # 2. Priorities are a permutation of 0..P-1, so the sort keys below are unique (deterministic order).
+    if random_priority:
+        priority = torch.randperm(num_pairs, device=device)
+    else:
+        pair = torch.arange(num_pairs, device=device)
+        priority = (pair % top_k) * num_tokens + torch.div(pair, top_k, rounding_mode="floor")
+    # 3.
+    order = torch.argsort(expert_of_pair * num_pairs + priority)  # [P] pair ids grouped by expert
+    counts = torch.bincount(expert_of_pair, minlength=num_experts)  # [E]
+    if capacity is None:
+        kept_pairs, kept_counts = order, counts
+        keep = None
+    else:
+        starts = torch.cumsum(counts, 0) - counts
+        rank_in_expert = torch.arange(num_pairs, device=device) - starts[expert_of_pair[order]]
+        kept_pairs = order[rank_in_expert < capacity]
+        kept_counts = counts.clamp(max=capacity)
+        keep = torch.zeros(num_pairs, dtype=torch.bool, device=device).index_fill_(0, kept_pairs, True)
+    # 4.
+    weights = topk_probs if keep is None else topk_probs * keep.view(num_tokens, top_k)
+    if top_k > 1:
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
+    return RoutingPlan(kept_pairs, kept_counts, weights, num_tokens, top_k)
+
+
+def dispatch(tokens: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """[T, D] → [R, D]: one row per kept pair, grouped by expert (no one-hot, no capacity padding)."""
+    return tokens.index_select(0, plan.token_index)
+
+
+def combine(expert_out: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
+    """[R, D] → [T, D]: weighted sum over each token's kept pairs; dropped pairs contribute zero.
+
+    Rows are put back into a [P, D] buffer and summed over K instead of `index_add_`, because
+    atomics make `index_add_` nondeterministic on GPUs when two pairs hit one token.
+    """
+    num_pairs, hidden = plan.num_tokens * plan.top_k, expert_out.shape[-1]
+    per_pair = expert_out.new_zeros(num_pairs, hidden).index_copy(0, plan.kept_pairs, expert_out)
+    weights = plan.combine_weights.to(expert_out.dtype).unsqueeze(-1)  # [T, K, 1]
+    return (per_pair.view(plan.num_tokens, plan.top_k, hidden) * weights).sum(dim=1)
+
+
+class TopKRouter(nn.Module):
+    """`mlp.gate`: a bias-free linear map to expert logits, always evaluated in fp32."""
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[T, D] → [T, E] fp32 logits. fp32 because bf16 softmax over experts flips top-k choices."""
+        return F.linear(hidden_states.float(), self.weight.float())
+
+
+class GroupedExperts(nn.Module):
+    """`mlp.experts`: E two-layer FFNs stored as stacked tensors, experts on dim 0.
+
+    `up_proj` [E, F, D], `up_proj_bias` [E, F], `down_proj` [E, D, F], `down_proj_bias` [E, D] —
+    the on-disk format for every expert-parallel size (a rank holds a contiguous slice of dim 0).
+    forward(x [R, D] grouped by expert, tokens_per_expert [E]) → [R, D].
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, ffn_dim: int, activation: str = "relu"):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation={activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
+        self.num_experts, self.hidden_size, self.ffn_dim, self.activation = num_experts, hidden_size, ffn_dim, activation
+        self.up_proj = nn.Parameter(torch.empty(num_experts, ffn_dim, hidden_size))
+        self.up_proj_bias = nn.Parameter(torch.zeros(num_experts, ffn_dim))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_dim))
+        self.down_proj_bias = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        nn.init.normal_(self.up_proj, std=std)
+        nn.init.normal_(self.down_proj, std=std)
+        nn.init.zeros_(self.up_proj_bias)
+        nn.init.zeros_(self.down_proj_bias)
+
+    def forward(self, hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
+        return grouped_ffn(
+            hidden_states, tokens_per_expert, self.up_proj, self.up_proj_bias,
+            self.down_proj, self.down_proj_bias, self.activation,
+        )
+
+
+class SparseMoE(nn.Module):
+    """The paper's MoE FFN: top-1/top-2 routing with capacity, Random Token Selection and jitter.
+
+    forward(hidden_states [..., D], padding_mask [...] (1/True = real token) or None)
+      → (output [..., D], RouterInfo). Padding positions are never routed and get zero output;
+    dropped pairs contribute zero (the residual connection around this layer carries the token).
+    Expert parallelism replaces `self.experts` from outside (see parallel.py); nothing here
+    depends on the world size.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_dim: int,
+        num_experts: int,
+        top_k: int = 1,
+        capacity_factor: float = 1.0,
+        eval_capacity_factor: float = 2.0,
+        min_capacity: int = 4,
+        use_rts: bool = True,
+        drop_tokens: bool = True,
+        jitter_noise: float = 0.0,
+        activation: str = "relu",
+    ):
+        super().__init__()
+        _check_arguments(hidden_size, ffn_dim, num_experts, top_k, capacity_factor, eval_capacity_factor,
+                         min_capacity, jitter_noise)
+        self.hidden_size, self.num_experts, self.top_k = hidden_size, num_experts, top_k
+        self.capacity_factor, self.eval_capacity_factor, self.min_capacity = capacity_factor, eval_capacity_factor, min_capacity
+        self.use_rts, self.drop_tokens, self.jitter_noise = use_rts, drop_tokens, jitter_noise
+        self.gate = TopKRouter(hidden_size, num_experts)
+        self.experts = GroupedExperts(num_experts, hidden_size, ffn_dim, activation)
+
+    def capacity(self, num_tokens: int) -> int | None:
+        """Per-expert capacity for `num_tokens` real tokens in the current mode; None = dropless."""
+        if not self.drop_tokens:
+            return None
+        factor = self.capacity_factor if self.training else self.eval_capacity_factor
+        return expert_capacity(num_tokens, self.num_experts, self.top_k, factor, self.min_capacity)
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask: torch.Tensor | None = None):
+        """1. keep real tokens  2. router logits (fp32, jitter)  3. plan  4. dispatch → experts → combine
+        5. scatter back to every position and report."""
+        if hidden_states.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"hidden_states has last dimension {hidden_states.shape[-1]} but the layer was built with "
+                f"hidden_size={self.hidden_size}; pass [..., {self.hidden_size}] inputs"
+            )
+        # 1.
+        flat = hidden_states.reshape(-1, self.hidden_size)  # [N, D]
+        real_index = _real_token_index(padding_mask, flat.shape[0])
+        tokens = flat if real_index is None else flat.index_select(0, real_index)  # [T, D]
+        # 2.
+        router_input = tokens
+        if self.training and self.jitter_noise > 0:
+            noise = torch.empty_like(tokens).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+            router_input = tokens * noise
+        logits = self.gate(router_input)  # [T, E] fp32
+        probs = torch.softmax(logits, dim=-1)
+        # 3. RTS only while training: evaluation and translation stay deterministic.
+        plan = plan_routing(probs, self.top_k, self.capacity(tokens.shape[0]), self.use_rts and self.training)
+        # 4.
+        expert_out = self.experts(dispatch(tokens, plan), plan.tokens_per_expert)  # [R, D]
+        out = combine(expert_out, plan)  # [T, D]
+        # 5.
+        info = self._router_info(logits, probs, plan, hidden_states.shape[:-1], real_index)
+        if real_index is not None:
+            out = flat.new_zeros(flat.shape).index_copy(0, real_index, out)
+        return out.view(hidden_states.shape), info
+
+    def _router_info(self, logits, probs, plan: RoutingPlan, lead_shape, real_index) -> RouterInfo:
+        num_pairs = plan.num_tokens * self.top_k
+        if plan.num_tokens == 0:
+            zero = logits.new_zeros(())
+            aux, z, dropped = zero, zero, zero
+        else:
+            aux = load_balancing_loss(probs, probs.argmax(dim=-1))
+            z = router_z_loss(logits)
+            dropped = 1.0 - plan.tokens_per_expert.sum().to(torch.float32) / num_pairs
+        if real_index is not None:
+            logits = logits.new_zeros(math.prod(lead_shape), self.num_experts).index_copy(0, real_index, logits)
+        return RouterInfo(aux, z, logits.view(*lead_shape, self.num_experts), plan.tokens_per_expert, dropped)
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, top_k={self.top_k}, capacity_factor={self.capacity_factor}, "
+                f"eval_capacity_factor={self.eval_capacity_factor}, min_capacity={self.min_capacity}, "
+                f"use_rts={self.use_rts}, drop_tokens={self.drop_tokens}, jitter_noise={self.jitter_noise}")
+
+
+def _real_token_index(padding_mask: torch.Tensor | None, num_positions: int) -> torch.Tensor | None:
+    """Indices of real tokens, or None when every position is real (the common, copy-free case)."""
+    if padding_mask is None:
+        return None
+    mask = padding_mask.reshape(-1).bool()
+    if mask.numel() != num_positions:
+        raise ValueError(
+            f"padding_mask has {mask.numel()} positions but hidden_states has {num_positions}; "
+            "pass a mask shaped like hidden_states[..., 0]"
+        )
+    if bool(mask.all()):
+        return None
+    return mask.nonzero().squeeze(1)
+
+
+def _check_arguments(hidden_size, ffn_dim, num_experts, top_k, capacity_factor, eval_capacity_factor,
+                     min_capacity, jitter_noise) -> None:
+    checks = [
+        (hidden_size > 0, f"hidden_size={hidden_size} must be positive"),
+        (ffn_dim > 0, f"ffn_dim={ffn_dim} must be positive"),
+        (top_k in (1, 2), f"top_k={top_k} is not supported; use 1 (the paper's default) or 2"),
+        (num_experts >= top_k, f"num_experts={num_experts} must be at least top_k={top_k}"),
+        (capacity_factor > 0, f"capacity_factor={capacity_factor} must be positive (1.0 = paper training)"),
+        (eval_capacity_factor > 0, f"eval_capacity_factor={eval_capacity_factor} must be positive (2.0 = paper eval)"),
+        (min_capacity >= 0, f"min_capacity={min_capacity} must be >= 0"),
+        (0 <= jitter_noise < 1, f"jitter_noise={jitter_noise} must be in [0, 1)"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

@@ -1,0 +1,167 @@
+"""Grouped expert FFN kernels: y_e = act(x_e W1_eᵀ + b1_e) W2_eᵀ + b2_e over rows grouped by expert.
+
+Pure torch (travels with remote code). Three implementations behind one function, `grouped_ffn`:
+- CUDA: `torch._grouped_mm` (one launch per GEMM, no host sync).
+- CPU, near-uniform groups (e.g. capacity-limited training): a padded `bmm`, because batched GEMM
+  parallelises over experts, and small per-expert GEMMs split across threads waste most of the cores.
+- CPU otherwise: a loop of per-expert GEMMs inside one autograd.Function whose backward writes each
+  weight gradient straight into its slice of one [E, …] tensor (no per-expert full-size zero tensors).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+
+# A padded bmm computes E·max_count rows; beyond this multiple of the real rows the loop is cheaper.
+PADDED_BMM_MAX_WASTE = 1.15
+
+
+def activation_forward(name: str, h: torch.Tensor) -> torch.Tensor:
+    if name == "relu":
+        return torch.relu(h)
+    if name == "gelu":
+        return F.gelu(h)
+    if name == "gelu_new":
+        return F.gelu(h, approximate="tanh")
+    return F.silu(h)
+
+
+def activation_backward(name: str, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """d act(h)/dh · grad from the pre-activation h (so the forward need not keep act(h))."""
+    if name == "relu":
+        return torch.ops.aten.threshold_backward(grad, h, 0)
+    if name == "gelu":
+        return torch.ops.aten.gelu_backward(grad, h)
+    if name == "gelu_new":
+        return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
+    return torch.ops.aten.silu_backward(grad, h)
+
+
+def grouped_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation: str) -> torch.Tensor:
+    """x [R, D] grouped by expert, tokens_per_expert [E] → [R, D]. w1 [E, F, D], w2 [E, D, F]."""
+    if x.shape[0] == 0:
+        # Keep the graph connected so every parameter gets a (zero) gradient, as DDP/ZeRO expect.
+        return x + 0.0 * (w1.sum() + b1.sum() + w2.sum() + b2.sum())
+    if x.is_cuda and hasattr(torch, "_grouped_mm"):
+        return _grouped_mm_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation)
+    counts = tokens_per_expert.tolist()  # host sync; free on CPU
+    if max(counts) * len(counts) <= PADDED_BMM_MAX_WASTE * x.shape[0]:
+        return _padded_bmm_ffn(x, tokens_per_expert, max(counts), w1, b1, w2, b2, activation)
+    return _LoopFFN.apply(x, counts, w1, b1, w2, b2, activation)
+
+
+def _expert_of_row(tokens_per_expert: torch.Tensor, num_rows: int) -> torch.Tensor:
+    experts = torch.arange(tokens_per_expert.numel(), device=tokens_per_expert.device)
+    return torch.repeat_interleave(experts, tokens_per_expert, output_size=num_rows)
+
+
+def _grouped_mm_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation):
+    """CUDA path. Offsets stay on device; biases are gathered per row."""
+    offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
+    expert = _expert_of_row(tokens_per_expert, x.shape[0])
+    h = torch._grouped_mm(x, w1.transpose(1, 2), offs=offsets) + b1[expert]
+    a = activation_forward(activation, h)
+    return torch._grouped_mm(a, w2.transpose(1, 2), offs=offsets) + b2[expert]
+
+
+def _padded_bmm_ffn(x, tokens_per_expert, rows_per_expert, w1, b1, w2, b2, activation):
+    """Scatter rows into [E, M, D] (M = largest group), two batched GEMMs, gather back.
+
+    Padding rows are zero, so they add nothing to any weight gradient.
+    """
+    num_experts, hidden = w1.shape[0], x.shape[1]
+    expert = _expert_of_row(tokens_per_expert, x.shape[0])
+    starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
+    slot = expert * rows_per_expert + (torch.arange(x.shape[0], device=x.device) - starts[expert])
+    padded = x.new_zeros(num_experts * rows_per_expert, hidden).index_copy(0, slot, x)
+    y = _BatchedFFN.apply(padded.view(num_experts, rows_per_expert, hidden), w1, b1, w2, b2, activation)
+    return y.view(-1, hidden).index_select(0, slot)
+
+
+class _BatchedFFN(torch.autograd.Function):
+    """Two batched GEMMs over [E, M, ·]. A custom backward so dW comes out in the parameter's own
+    [E, F, D] / [E, D, F] layout: autograd's bmm backward yields the transposed layout and
+    AccumulateGrad then spends more time on a strided copy than the GEMMs take."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, activation):
+        h = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2))  # [E, M, F]
+        y = torch.baddbmm(b2.unsqueeze(1), activation_forward(activation, h), w2.transpose(1, 2))  # [E, M, D]
+        ctx.save_for_backward(x, h, w1, w2)
+        ctx.activation = activation
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, h, w1, w2 = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        a = activation_forward(ctx.activation, h)
+        grad_w2 = torch.bmm(grad_y.transpose(1, 2), a)  # [E, D, F]
+        grad_h = activation_backward(ctx.activation, torch.bmm(grad_y, w2), h)  # [E, M, F]
+        del a
+        grad_w1 = torch.bmm(grad_h.transpose(1, 2), x)  # [E, F, D]
+        grad_x = torch.bmm(grad_h, w1)  # [E, M, D]
+        return grad_x, grad_w1, grad_h.sum(dim=1), grad_w2, grad_y.sum(dim=1), None
+
+
+class _LoopFFN(torch.autograd.Function):
+    """Per-expert GEMMs into preallocated slices; keeps only x and h for the backward."""
+
+    @staticmethod
+    def forward(ctx, x, counts, w1, b1, w2, b2, activation):
+        bounds = _bounds(counts)
+        h = x.new_empty(x.shape[0], w1.shape[1])  # [R, F]
+        for e, (lo, hi) in enumerate(bounds):
+            if hi > lo:
+                torch.addmm(b1[e], x[lo:hi], w1[e].t(), out=h[lo:hi])
+        a = activation_forward(activation, h)
+        y = x.new_empty(x.shape[0], w2.shape[1])  # [R, D]
+        for e, (lo, hi) in enumerate(bounds):
+            if hi > lo:
+                torch.addmm(b2[e], a[lo:hi], w2[e].t(), out=y[lo:hi])
+        ctx.save_for_backward(x, h, w1, w2)
+        ctx.bounds, ctx.activation = bounds, activation
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        """1. through W2 (grad_a, dW2, db2)  2. through the activation  3. through W1 (grad_x, dW1, db1)."""
+        x, h, w1, w2 = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        a = activation_forward(ctx.activation, h)  # recomputed: cheaper than keeping [R, F] alive
+        # 1.
+        grad_a = torch.empty_like(h)
+        grad_w2, grad_b2 = _per_expert_weight_grads(ctx.bounds, grad_y, a, w2, grad_a)
+        # 2.
+        grad_h = activation_backward(ctx.activation, grad_a, h)
+        del grad_a, a
+        # 3.
+        grad_x = torch.empty_like(x)
+        grad_w1, grad_b1 = _per_expert_weight_grads(ctx.bounds, grad_h, x, w1, grad_x)
+        return grad_x, None, grad_w1, grad_b1, grad_w2, grad_b2, None
+
+
+def _per_expert_weight_grads(bounds, grad_out, inputs, weight, grad_in):
+    """For out_e = in_e Wᵀ + b: writes grad_in rows, returns (dW [E, O, I], db [E, O]) slice by slice."""
+    grad_weight = torch.empty_like(weight)
+    grad_bias = weight.new_empty(weight.shape[0], weight.shape[1])
+    for e, (lo, hi) in enumerate(bounds):
+        if hi == lo:
+            grad_weight[e].zero_()
+            grad_bias[e].zero_()
+            continue
+        torch.mm(grad_out[lo:hi], weight[e], out=grad_in[lo:hi])
+        torch.mm(grad_out[lo:hi].t(), inputs[lo:hi], out=grad_weight[e])
+        torch.sum(grad_out[lo:hi], dim=0, out=grad_bias[e])
+    return grad_weight, grad_bias
+
+
+def _bounds(counts: list[int]) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for count in counts:
+        bounds.append((start, start + count))
+        start += count
+    return bounds

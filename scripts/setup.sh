@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install hf_moe_mt with its test and DeepSpeed extras.
+# torch 2.13.0 is installed FIRST: it is a CPU wheel on local disk; a bare `torch` requirement would
+# download a multi-GB CUDA build (see README "Installing").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+.venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
+.venv/bin/python -m pip install -q -e ".[dev,deepspeed]"
+echo "hf_moe_mt installed in $(pwd)/.venv"
