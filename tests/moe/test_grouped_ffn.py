@@ -1,0 +1,107 @@
+"""grouped_ffn called directly: each kernel path equals a per-row FFN in output and in the gradients of
+x, W1, b1, W2, b2 (custom backwards included), for every activation and uneven / empty groups."""
+
+import pytest
+import torch
+
+from hf_moe_mt import moe_kernels
+from hf_moe_mt.moe_kernels import ACTIVATIONS, grouped_ffn
+
+from .reference import ACTIVATION_FUNCTIONS, assert_close_rel
+
+D, F_DIM = 6, 10
+GROUPINGS = {"uneven_with_empty": [3, 0, 5, 2], "uniform": [4, 4, 4, 4], "one_hot_expert": [0, 11, 0, 1]}
+
+
+def _operands(counts, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    num_experts, rows = len(counts), sum(counts)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen, dtype=dtype) * 0.7).requires_grad_(True)
+
+    return rand(rows, D), torch.tensor(counts), rand(num_experts, F_DIM, D), rand(num_experts, F_DIM), \
+        rand(num_experts, D, F_DIM), rand(num_experts, D)
+
+
+def _per_row_reference(x, counts, w1, b1, w2, b2, activation):
+    """Row r of expert e: W2_e act(W1_e x_r + b1_e) + b2_e, one row at a time."""
+    act, rows, row = ACTIVATION_FUNCTIONS[activation], [], 0
+    for e, count in enumerate(counts.tolist()):
+        for _ in range(count):
+            rows.append(w2[e] @ act(w1[e] @ x[row] + b1[e]) + b2[e])
+            row += 1
+    return torch.stack(rows)
+
+
+def _grads(fn, operands, grad_out):
+    x, counts, w1, b1, w2, b2 = [t.detach().clone().requires_grad_(t.requires_grad) for t in operands]
+    out = fn(x, counts, w1, b1, w2, b2)
+    out.backward(grad_out)
+    return out, [x.grad, w1.grad, b1.grad, w2.grad, b2.grad]
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("grouping", list(GROUPINGS))
+def test_grouped_ffn_matches_per_row_reference(grouping, activation, kernel_path):
+    operands = _operands(GROUPINGS[grouping])
+    grad_out = torch.randn(operands[0].shape)
+    out, grads = _grads(lambda *a: grouped_ffn(*a, activation), operands, grad_out)
+    ref_out, ref_grads = _grads(lambda *a: _per_row_reference(*a, activation), operands, grad_out)
+    assert_close_rel(out, ref_out, name="output")
+    for name, grad, ref_grad in zip(["x", "w1", "b1", "w2", "b2"], grads, ref_grads):
+        assert_close_rel(grad, ref_grad, name=f"grad {name}")
+    kernel_path.assert_only(kernel_path.name)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new", "silu"])
+def test_grouped_ffn_custom_backward_passes_gradcheck(activation, kernel_path):
+    """Finite differences in float64 (relu is left out: its kink makes finite differences unreliable)."""
+    operands = _operands([2, 0, 3], dtype=torch.float64)
+    x, counts, w1, b1, w2, b2 = operands
+    assert torch.autograd.gradcheck(
+        lambda x, w1, b1, w2, b2: grouped_ffn(x, counts, w1, b1, w2, b2, activation), (x, w1, b1, w2, b2)
+    )
+    kernel_path.assert_only(kernel_path.name)
+
+
+def test_grouped_ffn_no_rows_gives_zero_gradients_for_every_parameter():
+    x, counts, w1, b1, w2, b2 = _operands([0, 0, 0])
+    out = grouped_ffn(x, counts, w1, b1, w2, b2, "relu")
+    assert out.shape == (0, D)
+    out.sum().backward()
+    for name, p in [("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)]:
+        assert p.grad is not None and torch.count_nonzero(p.grad) == 0, name
+
+
+def test_grouped_ffn_weight_grads_of_idle_experts_are_zero(kernel_path):
+    x, counts, w1, b1, w2, b2 = _operands([0, 5, 0, 3])
+    grouped_ffn(x, counts, w1, b1, w2, b2, "gelu").square().sum().backward()
+    for p in (w1, b1, w2, b2):
+        assert torch.count_nonzero(p.grad[[0, 2]]) == 0
+        assert torch.count_nonzero(p.grad[[1, 3]]) > 0
+
+
+@pytest.mark.parametrize("counts,path", [([4, 4, 4, 4], "padded"), ([5, 5, 5, 4], "padded"), ([5, 4, 4, 4], "loop"), ([13, 1, 1, 1], "loop"),
+                                         ([8, 0, 8, 0], "loop")])
+def test_grouped_ffn_picks_padded_bmm_only_when_padding_waste_is_small(counts, path, path_spy):
+    """E·max(count) ≤ PADDED_BMM_MAX_WASTE·R chooses the padded bmm, anything more skewed the loop."""
+    assert moe_kernels.PADDED_BMM_MAX_WASTE == pytest.approx(1.15)
+    operands = _operands(counts)
+    grouped_ffn(*operands, "relu").sum().backward()
+    path_spy.assert_only(path)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch._grouped_mm path)")
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
+def test_grouped_ffn_cuda_grouped_mm_matches_cpu(dtype, rtol):
+    counts = [16, 0, 32, 48]
+    operands = _operands(counts)
+    grad_out = torch.randn(operands[0].shape)
+    ref_out, ref_grads = _grads(lambda *a: grouped_ffn(*a, "gelu"), operands, grad_out)
+    cuda_operands = [t.detach().to("cuda", dtype if t.is_floating_point() else t.dtype) for t in operands]
+    cuda_operands = [t.requires_grad_(t.is_floating_point()) for t in cuda_operands]
+    out, grads = _grads(lambda *a: grouped_ffn(*a, "gelu"), cuda_operands, grad_out.to("cuda", dtype))
+    assert_close_rel(out.float().cpu(), ref_out, rtol=rtol, name="output")
+    for grad, ref_grad in zip(grads, ref_grads):
+        assert_close_rel(grad.float().cpu(), ref_grad, rtol=rtol, name="grad")
