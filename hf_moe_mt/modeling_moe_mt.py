@@ -120,7 +120,7 @@ class MoEMTSinusoidalPositionalEmbedding(nn.Module):
         self.register_buffer("weight", sinusoidal_table(num_positions, embedding_dim, self.offset), persistent=False)
 
     def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(position_ids, self.weight)  # [B, S, D]
+        return F.embedding(position_ids, self.weight)  # [B, S, D] fp32; the caller casts to the model dtype
 
 
 def make_position_ids(attention_mask: torch.Tensor | None, seq_length: int, past_length: int, device) -> torch.Tensor:
@@ -496,7 +496,8 @@ class MoEMTEncoder(MoEMTPreTrainedModel):
         seq_length = inputs_embeds.shape[1]
         check_positions(self.config.max_position_embeddings, seq_length, 0)
         positions = self.embed_positions(make_position_ids(attention_mask, seq_length, 0, inputs_embeds.device))
-        hidden_states = F.dropout(inputs_embeds + positions, p=self.config.dropout, training=self.training)
+        hidden_states = inputs_embeds + positions.to(inputs_embeds.dtype)
+        hidden_states = F.dropout(hidden_states, p=self.config.dropout, training=self.training)
         # 2.
         attn_mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
         # 3.
@@ -565,7 +566,7 @@ class MoEMTDecoder(MoEMTPreTrainedModel):
         past_length = cache.get_seq_length() if cache is not None else 0
         check_positions(self.config.max_position_embeddings, seq_length, past_length)
         position_ids = make_position_ids(attention_mask, seq_length, past_length, inputs_embeds.device)
-        hidden_states = inputs_embeds + self.embed_positions(position_ids)
+        hidden_states = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)
         hidden_states = F.dropout(hidden_states, p=self.config.dropout, training=self.training)
         # 2. The MoE padding mask covers only the current tokens; the attention mask covers past + current.
         padding_mask = None if attention_mask is None else attention_mask[:, -seq_length:]

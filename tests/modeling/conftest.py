@@ -45,6 +45,15 @@ def random_batch(batch_size: int = 3, src_len: int = 9, tgt_len: int = 7, vocab_
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+@pytest.fixture(autouse=True, scope="package")
+def _one_thread():
+    """Tiny GEMMs run faster on one thread, and do not stall when other jobs share the 2 cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def tiny_config() -> MoEMTConfig:
     return make_config()
