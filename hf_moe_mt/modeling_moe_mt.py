@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
@@ -443,6 +444,16 @@ class MoEMTPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = False  # the MoE layers sync with the host (token counts per expert)
     # The router is computed in fp32 anyway; keeping its weight fp32 under bf16 keeps top-k choices stable.
     _keep_in_fp32_modules_strict = ["mlp.gate"]
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
+        """Refuses reentrant checkpointing: it runs each layer under no_grad, so the router losses carried out
+        of the layer in RouterInfo would silently lose their gradients."""
+        if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant", False):
+            raise ValueError(
+                "use_reentrant=True checkpointing detaches the MoE router losses; use the default "
+                "activation_checkpointing_kwargs={'use_reentrant': False}"
+            )
+        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # Linear / Embedding (padding row zero) / LayerNorm
