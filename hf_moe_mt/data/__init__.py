@@ -1,0 +1,43 @@
+"""Data for hf_moe_mt: corpora that build offline, a tokenizer with language tokens, and multitask
+(translation + denoising) training examples. Never imported by modeling/configuration/tokenization code.
+
+The three entry points a training loop needs:
+
+    from hf_moe_mt.data import load_corpus, build_multitask_dataset, MultitaskConfig, MultitaskCollator
+
+    corpus = load_corpus("runs/corpus")          # (a) DatasetDict: train/validation/test with columns
+                                                 #     src_lang, tgt_lang, src_text, tgt_text, ref;
+                                                 #     monolingual with lang, text, source
+    train = build_multitask_dataset(corpus, tokenizer, MultitaskConfig(denoising_ratio=0.25, seed=0))
+                                                 # (b) input_ids, attention_mask, labels (+ task,
+                                                 #     src_lang, tgt_lang), languages sampled ∝ n^(1/T)
+    collator = MultitaskCollator(tokenizer)      # (c) pads, labels -100 on padding
+    Seq2SeqTrainer(model=model, train_dataset=train, data_collator=collator, ...)
+
+Sequence convention (M2M100/NLLB): input `[__src__] x </s>`, labels `[__tgt__] y </s>`; the model makes
+decoder_input_ids = shift_tokens_right(labels) with decoder_start_token_id = eos; generation starts from
+eos and forces the target language token first (`forced_bos_token_id = tokenizer.get_lang_id(tgt)`).
+
+Building: `build_corpus(CorpusConfig(...))` / `hf-moe-mt data build`, `train_tokenizer(corpus)` /
+`hf-moe-mt data tokenizer`. Evaluation pairs: `corpus["validation"]`, `corpus["test"]` (held-out books).
+"""
+
+from .collator import MultitaskCollator
+from .corpus import CorpusConfig, build_corpus, load_corpus
+from .multitask import MultitaskConfig, build_multitask_dataset
+from .noising import NoiseConfig
+from .sampling import temperature_probabilities
+from .tokenizer_training import save_tokenizer, train_tokenizer
+
+__all__ = [
+    "CorpusConfig",
+    "MultitaskCollator",
+    "MultitaskConfig",
+    "NoiseConfig",
+    "build_corpus",
+    "build_multitask_dataset",
+    "load_corpus",
+    "save_tokenizer",
+    "temperature_probabilities",
+    "train_tokenizer",
+]
