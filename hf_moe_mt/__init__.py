@@ -9,7 +9,7 @@ import os
 # imported before torch (the `hf-moe-mt` command, our scripts). Set it to 0 to opt out.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
-from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM  # noqa: E402
+from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: E402
 
 from .configuration_moe_mt import MoEMTConfig  # noqa: E402
 from .modeling_moe_mt import (  # noqa: E402
@@ -19,10 +19,12 @@ from .modeling_moe_mt import (  # noqa: E402
     dropless_routing,
 )
 from .moe import RouterInfo, SparseMoE  # noqa: E402
+from .tokenization_moe_mt import MoEMTTokenizer  # noqa: E402
 
 AutoConfig.register(MoEMTConfig.model_type, MoEMTConfig, exist_ok=True)
 AutoModel.register(MoEMTConfig, MoEMTModel, exist_ok=True)
 AutoModelForSeq2SeqLM.register(MoEMTConfig, MoEMTForConditionalGeneration, exist_ok=True)
+AutoTokenizer.register(MoEMTConfig, tokenizer_class=MoEMTTokenizer, exist_ok=True)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "MoEMTForConditionalGeneration",
     "MoEMTModel",
     "MoEMTPreTrainedModel",
+    "MoEMTTokenizer",
     "RouterInfo",
     "SparseMoE",
     "dropless_routing",
