@@ -102,10 +102,10 @@ def select_versions(languages: list[str] | None, public_domain_only: bool) -> di
         requested = [code for code in chosen if code != PIVOT_LANGUAGE]
     unknown = [code for code in requested if code not in chosen]
     if unknown:
-        scope = "public-domain Bible versions" if public_domain_only else "the Bible corpus"
-        raise ValueError(
-            f"unknown language code(s) {', '.join(unknown)}: {scope} has {', '.join(sorted(chosen))}"
-        )
+        available = ", ".join(sorted(chosen))
+        where = f"public-domain Bible versions exist for {available} (drop --public-domain-only for more)" \
+            if public_domain_only else f"the Bible corpus has {available}"
+        raise ValueError(f"unknown language code(s) {', '.join(unknown)}: {where}")
     return {code: chosen[code] for code in [PIVOT_LANGUAGE, *requested] if code in chosen}
 
 

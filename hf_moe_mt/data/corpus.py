@@ -92,6 +92,16 @@ def filter_languages(pairs: dict[str, list], languages: list[str] | None, pivot:
     return cleaning.select_rows(pairs, keep)
 
 
+def fill_groups(pairs: dict[str, list], pivot: str) -> dict[str, list]:
+    """Rows without a group key are grouped by their pivot-side text (else their source text): every
+    translation of one English sentence then shares a split, and no test sentence leaks via another language."""
+    groups = [
+        group or (tgt if tgt_lang == pivot else src)
+        for group, tgt_lang, src, tgt in zip(pairs["group"], pairs["tgt_lang"], pairs["src_text"], pairs["tgt_text"])
+    ]
+    return {**pairs, "group": groups}
+
+
 def group_split(group: str, validation_fraction: float, test_fraction: float) -> str:
     """Stable split for a group key (md5, not Python's salted hash): same input, same split, every run."""
     position = int.from_bytes(hashlib.md5(group.encode("utf-8")).digest()[:8], "big") / 2**64
@@ -193,7 +203,7 @@ def build_corpus(config: CorpusConfig) -> datasets.DatasetDict:
     check_output_dir(config.output_dir, config.overwrite)
     pairs, source_info = read_source(config)  # 1
     if config.source != "bible":
-        pairs = filter_languages(pairs, config.languages, config.pivot_language)
+        pairs = fill_groups(filter_languages(pairs, config.languages, config.pivot_language), config.pivot_language)
     read_count = len(pairs["src_text"])
     pairs, removed = clean_pairs(pairs, config.max_length_ratio)  # 2
     splits = split_pairs(pairs, config)  # 3

@@ -7,7 +7,8 @@ or  {"translation": {"de": "...", "en": "..."}, "group": "doc-17"}          ("gr
 TSV, UTF-8, a header line naming the columns, either
     src_lang<TAB>tgt_lang<TAB>src_text<TAB>tgt_text        (then one pair per line)
 or  de<TAB>en                                              (two language codes, then text pairs)
-`group` keeps related lines (one document) in the same split; without it each source sentence is its own group.
+`group` keeps related lines (one document) in the same split; without it, corpus.py groups by the pivot
+(English) side, so all translations of one English sentence land in the same split.
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def read_parallel_files(paths: list[str], skip_bad_lines: bool = False) -> tuple
             for column, value in zip(_FULL_HEADER, (src_lang, tgt_lang, src, tgt)):
                 pairs[column].append(value)
             pairs["ref"].append(f"{os.path.basename(path)}:{index}")
-            pairs["group"].append(str(group) if group is not None else src)
+            pairs["group"].append("" if group is None else str(group))
         if len(pairs["src_text"]) == before and report.lines_skipped == skipped_before:
             raise ValueError(f"input file {path} is empty: it holds no sentence pairs")
     if not pairs["src_text"]:

@@ -21,9 +21,10 @@ def load_hub_dataset(name: str, config: str | None, split: str, data_files: list
 
 
 def _row_pair(row: dict) -> tuple[str, str, str, str]:
-    if "translation" in row:
-        translation = row["translation"]
-        if not isinstance(translation, dict) or len(translation) != 2:
+    # Arrow unifies a struct column over all rows: absent languages (and absent columns) come back as None
+    translation = {code: text for code, text in (row.get("translation") or {}).items() if text is not None}
+    if translation:
+        if len(translation) != 2:
             raise BadLine('"translation" must map exactly two language codes to texts')
         (src_lang, src_text), (tgt_lang, tgt_text) = translation.items()
         return make_pair(src_lang, tgt_lang, src_text, tgt_text)
@@ -37,7 +38,7 @@ def read_hub_pairs(
     data_files: list[str] | None = None,
     skip_bad_lines: bool = False,
 ) -> tuple[dict[str, list], ReadReport]:
-    """Read every row of one split into corpus columns; `ref` is "name:row", `group` the source text."""
+    """Read every row of one split into corpus columns; `ref` is "name:row", `group` left to corpus.py."""
     dataset = load_hub_dataset(name, config, split, data_files)
     if "translation" not in dataset.column_names and not set(_FLAT) <= set(dataset.column_names):
         raise ValueError(
@@ -58,5 +59,5 @@ def read_hub_pairs(
         for column, value in zip(_FLAT, (src_lang, tgt_lang, src, tgt)):
             pairs[column].append(value)
         pairs["ref"].append(f"{name}:{index}")
-        pairs["group"].append(src)
+        pairs["group"].append("")  # corpus.py groups by the pivot side
     return pairs, report
