@@ -1,0 +1,412 @@
+"""Benchmark the sparse MoE layer against DeepSpeed's and transformers' MoE layers and a dense FFN.
+
+Measures forward + backward (of the layer output, with a fixed random output gradient; aux losses are not
+back-propagated in any row) for k ∈ --top-k × E ∈ --experts. At each (k, E) point every row is built, warmed
+up, then timed round-robin in this one process (rep r starts at row r mod n, so no row always runs first or
+last); the table reports the median. The ratio column divides by a dense FFN of equal activated FLOPs
+(width k·ffn), re-measured in the same round-robin at every point. Peak memory is a separate, untimed
+pass per row: on CPU the torch profiler's allocator events (profile_memory) give the peak of live torch
+bytes allocated during one forward+backward above what was live before it (activations, temporaries and
+the parameter gradients; not the parameters or inputs); on CUDA, max_memory_allocated above the same baseline.
+
+  python scripts/bench_moe_layer.py                          # the full table (T=4096, d=512, ffn=2048)
+  python scripts/bench_moe_layer.py --tokens 256 --d-model 64 --ffn 128 --experts 4,8 --repeats 2
+  python scripts/bench_moe_layer.py --device cuda --dtype bf16 --json bench.json
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+if "--no-thp" in sys.argv:
+    os.environ["THP_MEM_ALLOC_ENABLE"] = "0"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout needs no install
+
+import hf_moe_mt  # noqa: E402,F401  before torch: its __init__ turns on THP for torch's CPU allocator
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import importlib  # noqa: E402
+import json  # noqa: E402
+import logging  # noqa: E402
+import math  # noqa: E402
+import socket  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+import types  # noqa: E402
+from dataclasses import asdict, dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from hf_moe_mt.moe import SparseMoE  # noqa: E402
+
+ANCHOR_CF = 1.25  # DeepSpeed's (and our anchor rows') capacity factor
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ROWS = ("dense", "ours_cf1.25", "ours_cf1.0", "ours_dropless", "deepspeed", "hf_grouped_mm", "hf_eager", "switch",
+        "nllb")
+DEFAULT_ROWS = tuple(r for r in ROWS if r != "hf_eager")
+
+
+@dataclass
+class Row:
+    """One implementation at one (k, E) point: `step()` runs forward + backward once."""
+
+    name: str
+    capacity: str  # capacity factor as printed ("1.25", "dropless", …)
+    module: nn.Module
+    forward: object  # callable(x) -> output tensor
+    note: str = ""
+    times_ms: list[float] = field(default_factory=list)
+    peak_mib: float | None = None
+
+    def step(self, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        self.clear_grads(x)
+        self.forward_backward(x, grad_out)
+
+    def clear_grads(self, x: torch.Tensor) -> None:
+        """Like zero_grad(set_to_none=True): allocating the gradients is part of every timed step."""
+        for p in self.module.parameters():
+            p.grad = None
+        x.grad = None
+
+    def forward_backward(self, x: torch.Tensor, grad_out: torch.Tensor) -> None:
+        self.forward(x).backward(grad_out)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=4096, help="T, tokens per step (one sequence)")
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--ffn", type=int, default=2048, help="expert FFN width (the dense row uses k·ffn)")
+    parser.add_argument("--experts", type=_int_list, default=[8, 32, 64, 128], help="comma list, e.g. 8,32")
+    parser.add_argument("--top-k", type=_int_list, default=[1, 2], help="comma list of 1 and/or 2")
+    parser.add_argument("--repeats", type=int, default=5, help="timed round-robin repetitions per point")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed round-robin repetitions first")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--activation", choices=["relu", "gelu"], default="relu", help="used by every row")
+    parser.add_argument("--rows", type=_str_list, default=list(DEFAULT_ROWS), help=f"subset of {','.join(ROWS)}")
+    parser.add_argument("--nllb-max-experts", type=int, default=16,
+                        help="NllbMoeSparseMLP runs only at E ≤ this (its cost grows ~linearly with E, see notes)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default fp32 on CPU, bf16 on CUDA")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory pass")
+    parser.add_argument("--no-thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=0 for this run (all rows)")
+    parser.add_argument("--json", type=str, default=None, help="write every number to this JSON file")
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    _check_args(args)
+    return args
+
+
+def _int_list(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v]
+
+
+def _str_list(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def _check_args(args) -> None:
+    unknown = sorted(set(args.rows) - set(ROWS))
+    if unknown:
+        raise SystemExit(f"error: unknown --rows {unknown}; choose from {','.join(ROWS)}")
+    if not set(args.top_k) <= {1, 2}:
+        raise SystemExit(f"error: --top-k {args.top_k}: only 1 and 2 are supported")
+    if any(e < max(args.top_k) for e in args.experts):
+        raise SystemExit(f"error: --experts {args.experts} must all be >= top-k")
+    if min(args.tokens, args.d_model, args.ffn, args.repeats) < 1:
+        raise SystemExit("error: --tokens, --d-model, --ffn and --repeats must be positive")
+
+
+# ----------------------------------------------------------------------------------------------- rows
+
+
+def build_rows(args, k: int, num_experts: int) -> list[Row]:
+    """Every requested row for one (k, E) point; rows that do not apply at this point are skipped."""
+    builders = {
+        "dense": _dense_row, "ours_cf1.25": _ours_row, "ours_cf1.0": _ours_row, "ours_dropless": _ours_row,
+        "deepspeed": _deepspeed_row, "hf_grouped_mm": _hf_experts_row, "hf_eager": _hf_experts_row,
+        "switch": _switch_row, "nllb": _nllb_row,
+    }
+    rows = []
+    for name in ["dense"] + [r for r in args.rows if r != "dense"]:
+        torch.manual_seed(args.seed)
+        row = builders[name](args, k, num_experts, name)
+        if row is not None:
+            row.module.to(args.device, DTYPES[args.dtype]).train()
+            rows.append(row)
+    return rows
+
+
+def _dense_row(args, k, num_experts, name) -> Row:
+    width = k * args.ffn
+    act = nn.ReLU() if args.activation == "relu" else nn.GELU()
+    module = nn.Sequential(nn.Linear(args.d_model, width), act, nn.Linear(width, args.d_model))
+    return Row("dense FFN (width k·ffn)", "–", module, module)
+
+
+def _ours_row(args, k, num_experts, name) -> Row:
+    factor = {"ours_cf1.25": ANCHOR_CF, "ours_cf1.0": 1.0, "ours_dropless": 1.0}[name]
+    dropless = name == "ours_dropless"
+    module = SparseMoE(args.d_model, args.ffn, num_experts, top_k=k, capacity_factor=factor, min_capacity=4,
+                       use_rts=True, drop_tokens=not dropless, activation=args.activation)
+    label = "hf_moe_mt SparseMoE" + (" (paper default)" if name == "ours_cf1.0" else "")
+    return Row(label, "dropless" if dropless else f"{factor}", module, lambda x: module(x)[0])
+
+
+def _deepspeed_row(args, k, num_experts, name) -> Row:
+    _init_deepspeed(args.device)
+    from deepspeed.moe.layer import MoE
+
+    act = nn.ReLU() if args.activation == "relu" else nn.GELU()
+    expert = nn.Sequential(nn.Linear(args.d_model, args.ffn), act, nn.Linear(args.ffn, args.d_model))
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed prints its group creation; keep stdout the table
+        module = MoE(args.d_model, expert, num_experts, ep_size=1, k=k, capacity_factor=ANCHOR_CF,
+                     eval_capacity_factor=ANCHOR_CF, min_capacity=4, drop_tokens=True, use_rts=True)
+        module.set_deepspeed_parallelism()
+    note = "ep_size=1, RTS" + (", 2nd expert Gumbel-sampled (DeepSpeed default)" if k == 2 else "")
+    return Row(f"DeepSpeed {_version('deepspeed')} moe.layer.MoE", f"{ANCHOR_CF}", module,
+               lambda x: module(x)[0], note)
+
+
+def _init_deepspeed(device: str) -> None:
+    """A process group of size 1 (gloo on CPU); skip the ~100 s JIT build of the shm op DeepSpeed never uses here."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.startswith("cuda") else "cpu")
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        return
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(_free_port())}.items():
+        os.environ.setdefault(key, value)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _HFExpertsBlock(nn.Module):
+    """Softmax top-k router (renormalised for k=2, like Qwen3-MoE's norm_topk_prob) + transformers 5.x experts."""
+
+    def __init__(self, experts: nn.Module, d_model: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.gate = nn.Linear(d_model, num_experts, bias=False)
+        self.experts, self.top_k = experts, top_k
+
+    def forward(self, x):
+        flat = x.reshape(-1, x.shape[-1])
+        probs = torch.softmax(self.gate(flat).float(), dim=-1)
+        weights, index = probs.topk(self.top_k, dim=-1)
+        if self.top_k > 1:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return self.experts(flat, index, weights.to(flat.dtype)).view(x.shape)
+
+
+def _hf_experts_row(args, k, num_experts, name) -> Row:
+    """NemotronHExperts: transformers' non-gated (up → act → down) 3-D experts, the same FLOPs as ours."""
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts
+
+    implementation = "grouped_mm" if name == "hf_grouped_mm" else "eager"
+    config = types.SimpleNamespace(n_routed_experts=num_experts, hidden_size=args.d_model, moe_intermediate_size=args.ffn,
+                                   moe_latent_size=None, mlp_hidden_act=args.activation,
+                                   _experts_implementation=implementation)
+    experts = NemotronHExperts(config)
+    nn.init.normal_(experts.up_proj, std=0.02)
+    nn.init.normal_(experts.down_proj, std=0.02)
+    module = _HFExpertsBlock(experts, args.d_model, num_experts, k)
+    return Row(f"transformers {_version('transformers')} experts, {implementation}", "dropless", module, module,
+               "NemotronHExperts (non-gated, no bias) + softmax top-k router")
+
+
+def _switch_row(args, k, num_experts, name) -> Row | None:
+    if k != 1:
+        return None
+    from transformers import SwitchTransformersConfig
+    from transformers.models.switch_transformers.modeling_switch_transformers import SwitchTransformersSparseMLP
+
+    capacity = math.ceil(ANCHOR_CF * args.tokens / num_experts)
+    config = SwitchTransformersConfig(d_model=args.d_model, d_ff=args.ffn, num_experts=num_experts,
+                                      expert_capacity=capacity, router_jitter_noise=0.0, dropout_rate=0.0,
+                                      dense_act_fn=args.activation, router_dtype="float32")
+    module = SwitchTransformersSparseMLP(config)
+    return Row("transformers SwitchTransformersSparseMLP", f"{ANCHOR_CF}", module, module,
+               f"expert_capacity={capacity}; per-expert nn.Linear modules, no bias")
+
+
+def _nllb_row(args, k, num_experts, name) -> Row | None:
+    if k != 2 or num_experts > args.nllb_max_experts:
+        return None
+    from transformers import NllbMoeConfig
+    from transformers.models.nllb_moe.modeling_nllb_moe import NllbMoeSparseMLP
+
+    capacity = math.ceil(ANCHOR_CF * 2 * args.tokens / num_experts)
+    config = NllbMoeConfig(d_model=args.d_model, num_experts=num_experts, expert_capacity=capacity,
+                           moe_token_dropout=0.0, activation_dropout=0.0, activation_function=args.activation,
+                           router_dtype="float32")
+    module = NllbMoeSparseMLP(config, ffn_dim=args.ffn)
+    return Row("transformers NllbMoeSparseMLP", f"{ANCHOR_CF}", module, module,
+               f"expert_capacity={capacity}; as shipped it runs expert_0 on (E-1)·T rows and expert_1 on T rows")
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.import_module(package).__version__
+    except ImportError:
+        return "?"
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def measure_point(args, k: int, num_experts: int) -> list[Row]:
+    """Build every row, then warm-up and timed repetitions round-robin; then the memory pass."""
+    rows = build_rows(args, k, num_experts)
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.randn(1, args.tokens, args.d_model, generator=gen).to(args.device, DTYPES[args.dtype])
+    x.requires_grad_(True)
+    grad_out = torch.randn(x.shape, generator=gen).to(args.device, DTYPES[args.dtype])
+    for rep in range(args.warmup + args.repeats):
+        for i in range(len(rows)):
+            row = rows[(rep + i) % len(rows)]
+            elapsed = _timed(lambda: row.step(x, grad_out), args.device)
+            if rep >= args.warmup:
+                row.times_ms.append(elapsed * 1e3)
+    if not args.no_memory:
+        for row in rows:
+            row.clear_grads(x)  # free the previous step's gradients before the baseline
+            row.peak_mib = _peak_mib(lambda: row.forward_backward(x, grad_out), args.device)
+    for row in rows:  # free parameters and gradients before the next point
+        row.module = None
+    return rows
+
+
+def _timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def _peak_mib(fn, device: str) -> float:
+    """Peak live torch bytes during fn() above what was live before it (see the module docstring)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for event in events:
+        live += event.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+# ------------------------------------------------------------------------------------------ reporting
+
+
+def activated_flops(args, k: int) -> float:
+    """Forward + backward GEMM FLOPs of k experts per token: 3 passes × 2 GEMMs × 2·T·d·ffn each."""
+    return 3 * 2 * 2 * args.tokens * args.d_model * args.ffn * k
+
+
+def summarize(args, k: int, num_experts: int, rows: list[Row]) -> list[dict]:
+    dense_ms = statistics.median(rows[0].times_ms)
+    records = []
+    for row in rows:
+        median = statistics.median(row.times_ms)
+        records.append({
+            "top_k": k, "experts": num_experts, "implementation": row.name, "capacity_factor": row.capacity,
+            "median_ms": median, "times_ms": row.times_ms, "ratio_to_dense": median / dense_ms,
+            "tflops": activated_flops(args, k) / (median * 1e-3) / 1e12, "peak_mib": row.peak_mib, "note": row.note,
+        })
+    return records
+
+
+def header_lines(args) -> list[str]:
+    thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    return [
+        f"MoE layer benchmark — forward+backward, median of {args.repeats} interleaved repetitions "
+        f"({args.warmup} warm-up), {device}, {args.dtype}, torch {torch.__version__}",
+        f"T={args.tokens} tokens, d={args.d_model}, expert ffn={args.ffn}, activation={args.activation} in every row, "
+        f"THP_MEM_ALLOC_ENABLE={thp} (all rows), capacity factors as listed (min_capacity 4 where it applies)",
+        "ratio = median ms / median ms of a dense FFN of width k·ffn measured in the same round-robin; "
+        "TFLOP/s = activated GEMM FLOPs (12·T·k·d·ffn) / median time; peak MiB = live torch bytes above the "
+        "step's start (activations + gradients)",
+    ]
+
+
+def format_table(args, records: list[dict]) -> str:
+    lines = header_lines(args) + [
+        "",
+        "| k | E | implementation | capacity factor | median ms | × dense | TFLOP/s | peak MiB | notes |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in records:
+        peak = "–" if r["peak_mib"] is None else f"{r['peak_mib']:.1f}"
+        lines.append(f"| {r['top_k']} | {r['experts']} | {r['implementation']} | {r['capacity_factor']} | "
+                     f"{r['median_ms']:.2f} | {r['ratio_to_dense']:.2f}× | {r['tflops']:.3f} | {peak} | {r['note']} |")
+    lines += _footer(args, records)
+    return "\n".join(lines)
+
+
+def _footer(args, records) -> list[str]:
+    lines = [""]
+    skipped = [e for e in args.experts if e > args.nllb_max_experts]
+    if "nllb" in args.rows and 2 in args.top_k and skipped:
+        lines.append(f"NllbMoeSparseMLP skipped at E={skipped} (> --nllb-max-experts {args.nllb_max_experts}): "
+                     "transformers 5.24 dispatches it with one_hot(top_1_mask), so expert_0 processes (E-1)·T rows.")
+    for k in args.top_k:
+        for cf in (f"{ANCHOR_CF}", "1.0", "dropless"):
+            ours = {r["experts"]: r["median_ms"] for r in records
+                    if r["top_k"] == k and r["implementation"].startswith("hf_moe_mt") and r["capacity_factor"] == cf}
+            if len(ours) > 1:
+                lo, hi = min(ours), max(ours)
+                lines.append(f"flatness, k={k}, hf_moe_mt cf {cf}: E={hi} / E={lo} = {ours[hi] / ours[lo]:.2f}×")
+    return lines
+
+
+def write_json(path: str, args, records: list[dict]) -> None:
+    """Write to a temporary name, then rename: a reader never sees a half-written file."""
+    payload = {"header": header_lines(args), "args": {k: v for k, v in vars(args).items()}, "rows": records}
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(payload, f, indent=2)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    records = []
+    for k in args.top_k:
+        for num_experts in args.experts:
+            rows = measure_point(args, k, num_experts)
+            records += summarize(args, k, num_experts, rows)
+            print(f"  measured k={k} E={num_experts}", file=sys.stderr, flush=True)
+    print(format_table(args, records))
+    if args.json:
+        write_json(args.json, args, records)
+
+
+if __name__ == "__main__":
+    main()
