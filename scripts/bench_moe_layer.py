@@ -9,6 +9,11 @@ pass per row: on CPU the torch profiler's allocator events (profile_memory) give
 bytes allocated during one forward+backward above what was live before it (activations, temporaries and
 the parameter gradients; not the parameters or inputs); on CUDA, max_memory_allocated above the same baseline.
 
+Rows (--rows): dense, ours_cf1.25 / ours_cf1.0 / ours_dropless (this layer), deepspeed
+(deepspeed.moe.layer.MoE, ep_size=1, cf 1.25, a gloo group of size 1), hf_grouped_mm / hf_eager (transformers'
+experts interface on NemotronHExperts, its non-gated 3-D experts), switch (SwitchTransformersSparseMLP, k=1),
+nllb (NllbMoeSparseMLP, k=2, only E ≤ --nllb-max-experts). hf_eager is off by default (slow).
+
   python scripts/bench_moe_layer.py                          # the full table (T=4096, d=512, ffn=2048)
   python scripts/bench_moe_layer.py --tokens 256 --d-model 64 --ffn 128 --experts 4,8 --repeats 2
   python scripts/bench_moe_layer.py --device cuda --dtype bf16 --json bench.json
@@ -35,7 +40,7 @@ import socket  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import types  # noqa: E402
-from dataclasses import asdict, dataclass, field  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402

@@ -89,3 +89,23 @@ def test_single_expert_dropless_equals_dense_ffn():
     assert_close_rel(out, dense, name="output")
     assert info.tokens_per_expert.tolist() == [15]
     assert float(info.aux_loss.detach()) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("num_experts,top_k,tokens", [(16, 2, 5), (2, 2, 9), (16, 1, 3)])
+def test_layer_matches_reference_at_edge_expert_counts(num_experts, top_k, tokens, kernel_path):
+    """More experts than tokens (most groups empty) and E == K (every token uses every expert)."""
+    layer = randomize_(SparseMoE(D, F_DIM, num_experts, top_k=top_k, capacity_factor=1.0, min_capacity=1,
+                                 use_rts=False))
+    fast, reference = _run_both(layer, torch.randn(tokens, D), torch.randn(tokens, D))
+    _assert_equivalent(fast, reference)
+
+
+def test_non_contiguous_input_and_mask_match_contiguous_copies():
+    layer = randomize_(SparseMoE(D, F_DIM, E, top_k=2, capacity_factor=0.75, min_capacity=0, use_rts=False))
+    x = torch.randn(7, 3, D).transpose(0, 1)  # [3, 7, D] non-contiguous
+    mask = (torch.rand(7, 3) > 0.3).T
+    assert not x.is_contiguous() and not mask.is_contiguous()
+    out, info = layer(x, padding_mask=mask)
+    ref, ref_info = layer(x.contiguous(), padding_mask=mask.contiguous())
+    assert torch.equal(out, ref)
+    assert torch.equal(info.router_logits, ref_info.router_logits)
