@@ -232,7 +232,8 @@ def build_corpus(config: CorpusConfig) -> datasets.DatasetDict:
 
 def save_corpus(corpus: datasets.DatasetDict, info: dict, output_dir: str, overwrite: bool) -> None:
     with atomic_directory(output_dir, overwrite) as staging:
-        corpus.save_to_disk(staging)
+        # an empty split must still get one (empty) shard, or load_from_disk fails on it (datasets 5.2)
+        corpus.save_to_disk(staging, num_shards={name: 1 for name, split in corpus.items() if len(split) == 0})
         with open(os.path.join(staging, BUILD_INFO), "w", encoding="utf-8") as handle:
             json.dump(info, handle, indent=2, ensure_ascii=False)
 

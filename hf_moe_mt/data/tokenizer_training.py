@@ -1,6 +1,9 @@
-"""Train a MoEMTTokenizer on a corpus with the `tokenizers` library: Unigram (default, like
-SentencePiece in mBART/NLLB) or BPE, byte fallback so no input is ever <unk>, one special token per
-language, languages balanced by temperature sampling. Writes atomically (temp dir, then rename).
+"""Train a MoEMTTokenizer on a corpus with the `tokenizers` library: BPE (default; M2M100 and NLLB use
+SentencePiece BPE) or Unigram, byte fallback so no input is ever <unk>, one special token per language,
+languages balanced by temperature sampling. Writes atomically (temp dir, then rename).
+
+Why BPE by default: on the 10-language Bible corpus (330k sentences, vocab 32k, 2 shared cores) BPE
+trains in ~25 s; the Unigram trainer did not finish within 4 minutes.
 """
 
 from __future__ import annotations
@@ -128,7 +131,7 @@ def train_backend(sentences: list[str], languages: list[str], vocab_size: int, m
 def train_tokenizer(
     corpus: datasets.DatasetDict,
     vocab_size: int = 32000,
-    model_type: str = "unigram",
+    model_type: str = "bpe",
     temperature: float = DEFAULT_TEMPERATURE,
     max_sentences: int | None = None,
     seed: int = 0,
