@@ -259,17 +259,29 @@ def saved_expert_parallel_size(checkpoint_dir: str) -> int | None:
     return sizes.pop() if sizes else None
 
 
+def _check_expert_files_complete(checkpoint_dir: str | os.PathLike, ep_size: int) -> None:
+    missing = [EXPERT_FILE.format(ep_size=ep_size, ep_rank=r) for r in range(ep_size)
+               if not os.path.isfile(os.path.join(checkpoint_dir, EXPERT_FILE.format(ep_size=ep_size, ep_rank=r)))]
+    if missing:
+        raise FileNotFoundError(f"{checkpoint_dir} is incomplete (missing {', '.join(missing)}); "
+                                "resume from another checkpoint")
+
+
 def load_expert_slice(checkpoint_dir: str, model: nn.Module, groups: ExpertParallelGroups) -> dict[str, torch.Tensor]:
     """This rank's expert tensors from `checkpoint_dir`, refusing another ep_size with the fix."""
     saved = saved_expert_parallel_size(checkpoint_dir)
+    if saved is None:
+        raise ValueError(f"checkpoint {checkpoint_dir} has no expert files (saved without expert parallelism); "
+                         "resume it without prepare_model_for_deepspeed, or start from its full model "
+                         "(load_full_state_dict -> save_pretrained)")
     if saved != groups.ep_size:
         raise ValueError(
             f"checkpoint {checkpoint_dir} holds experts for expert_parallel_size={saved}, this run uses "
             f"{groups.ep_size}; resume with expert_parallel_size={saved}, or consolidate it "
             "(load_full_state_dict / gather_full_state_dict -> save_pretrained) and start from that model")
+    # Every rank checks every EP rank's file, so all ranks fail together instead of some hanging.
+    _check_expert_files_complete(checkpoint_dir, saved)
     path = _expert_file(checkpoint_dir, groups)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing (the checkpoint is incomplete); resume from another checkpoint")
     params = dict(model.named_parameters())
     with safe_open(path, framework="pt", device="cpu") as f:
         tensors = {name: f.get_tensor(name) for name in f.keys()}
@@ -353,11 +365,10 @@ def load_full_state_dict(save_dir: str | os.PathLike, tag: str | None = None) ->
     ep_size = saved_expert_parallel_size(str(checkpoint_dir))
     if ep_size is None:
         return state
+    _check_expert_files_complete(checkpoint_dir, ep_size)
     slices = []
     for ep_rank in range(ep_size):
         path = checkpoint_dir / EXPERT_FILE.format(ep_size=ep_size, ep_rank=ep_rank)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing (the checkpoint is incomplete); use another checkpoint")
         with safe_open(str(path), framework="pt", device="cpu") as f:
             slices.append({name: f.get_tensor(name) for name in f.keys()})
     for name in slices[0]:

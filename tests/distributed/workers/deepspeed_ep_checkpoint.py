@@ -10,8 +10,11 @@
 import os
 import sys
 
-from deepspeed_common import (LR, build_model, deepspeed_config, global_batches, lr_lambda, max_abs_diff,
-                              reference_training, train_engine)
+from moe_training_common import (LR, assert_expert_replicas_identical, build_model, deepspeed_config,
+                                 global_batches, lr_lambda, max_abs_diff, reference_training,
+                                 skip_deepspeed_shm_build, train_engine)
+
+skip_deepspeed_shm_build()
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
@@ -48,6 +51,7 @@ def main(ep_size: int, stage: int, save_dir: str, offload: bool) -> None:
     ref_losses, ref_state = reference_training(batches, world, with_scheduler=True)
     assert max(abs(a - b) for a, b in zip(losses_a, ref_losses)) < 1e-5, (losses_a, ref_losses)
     assert max_abs_diff(final_a, ref_state) < 1e-5
+    assert_expert_replicas_identical(engine.module, groups)
     expected_files = {EXPERT_FILE.format(ep_size=ep_size, ep_rank=r) for r in range(ep_size)}
     assert expected_files <= set(os.listdir(os.path.join(save_dir, TAG))), os.listdir(os.path.join(save_dir, TAG))
     # 2.
@@ -75,6 +79,7 @@ def main(ep_size: int, stage: int, save_dir: str, offload: bool) -> None:
     if rank == 0:
         print(f"OK checkpoint ep={ep_size} world={world} stage={stage} offload={offload} "
               f"losses={[round(x, 6) for x in losses_a]} error={message!r}")
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ its shard, and compares losses and every (gathered) parameter after 3 steps.
 import os
 import sys
 
-from deepspeed_common import (LR, build_model, deepspeed_config, global_batches, max_abs_diff,
-                              reference_training, train_engine)
+from moe_training_common import (LR, assert_expert_replicas_identical, build_model, deepspeed_config,
+                                 global_batches, max_abs_diff, reference_training, skip_deepspeed_shm_build,
+                                 train_engine)
+
+skip_deepspeed_shm_build()
 
 import deepspeed  # noqa: E402
 import torch  # noqa: E402
@@ -46,10 +49,13 @@ def main(ep_size: int, stage: int, optimizer: str, offload: bool) -> None:
     moved = max_abs_diff(build_model().state_dict(), ref_state)
     assert loss_diff < TOLERANCE and param_diff < TOLERANCE, (loss_diff, param_diff, losses, ref_losses)
     assert moved > 100 * TOLERANCE, moved  # the comparison is not between two untouched models
+    assert_expert_replicas_identical(engine.module, groups)
     dist.barrier()
     if rank == 0:
         print(f"OK ep={ep_size} world={world} stage={stage} optimizer={optimizer} offload={offload} "
               f"loss_diff={loss_diff:.2e} param_diff={param_diff:.2e} moved={moved:.2e}")
+    dist.destroy_process_group()
+
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Shared by the DeepSpeed workers: a tiny MoE model, its data, the single-process reference, configs.
+"""Shared by the training workers (DeepSpeed and DDP): a tiny MoE model, its data, the single-process reference, configs.
 
 Model: embedding → SparseMoE → SparseMoE → LayerNorm → head (residuals around the MoE layers),
 dropless top-2 routing without RTS (RTS would order each expert's rows by a random priority, so
@@ -10,17 +10,13 @@ mean of the per-shard losses of one process holding every expert.
 import importlib
 import os
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
-# Skip DeepSpeed's ~100 s JIT build of the shared-memory inference all-reduce (training never uses it).
-# Must patch the module object itself (`import deepspeed.comm.torch as m` binds torch, see PLATFORM_NOTES).
-importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn import functional as F  # noqa: E402
-
-from hf_moe_mt.moe import SparseMoE  # noqa: E402
+from hf_moe_mt.moe import SparseMoE
+from hf_moe_mt.parallel import is_expert_parameter
 
 VOCAB, HIDDEN, FFN, EXPERTS, SEQ, MICRO_BATCH = 32, 16, 24, 4, 6, 2
 LR, WEIGHT_DECAY, MAX_GRAD_NORM, AUX_COEF = 1e-2, 0.1, 0.3, 0.1
@@ -46,6 +42,14 @@ class TinyMoEModel(nn.Module):
             aux.append(info.aux_loss)
         logits = self.lm_head(self.layer_norm(hidden))  # [B, S, V]
         return F.cross_entropy(logits.flatten(0, 1), labels.flatten()) + AUX_COEF * torch.stack(aux).mean()
+
+
+def skip_deepspeed_shm_build() -> None:
+    """Skip DeepSpeed's ~100 s JIT build of its shared-memory inference all-reduce (training never uses
+    it). Call before deepspeed initialises; patches the module object itself (`import deepspeed.comm.torch
+    as m` binds torch.distributed's `torch`, see PLATFORM_NOTES)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
 
 
 def build_model(seed: int = 0) -> TinyMoEModel:
@@ -134,3 +138,12 @@ def train_engine(engine, batches, rank: int, world: int) -> list[float]:
 def max_abs_diff(state: dict, reference: dict) -> float:
     assert state.keys() == reference.keys(), sorted(set(state) ^ set(reference))
     return max((state[name] - reference[name]).abs().max().item() for name in reference)
+
+
+def assert_expert_replicas_identical(model, groups) -> None:
+    """Expert-DP replicas (same experts, different data) must stay bitwise equal under ZeRO sharding."""
+    for name, param in model.named_parameters():
+        if is_expert_parameter(param):
+            replicas = [torch.empty_like(param) for _ in range(groups.edp_size)]
+            dist.all_gather(replicas, param.detach().contiguous(), group=groups.edp_group)
+            assert all(torch.equal(r, replicas[0]) for r in replicas), name
