@@ -8,6 +8,7 @@ D hidden size, F expert ffn size, E experts, K top-k, P = T·K (token, expert) p
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +50,12 @@ class RoutingPlan:
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float, min_capacity: int) -> int:
-    """Per-expert capacity `max(ceil(cf·K·T/E), min_capacity)` (DeepSpeed's definition, T = real tokens)."""
-    return max(math.ceil(capacity_factor * top_k * num_tokens / num_experts), min_capacity)
+    """Per-expert capacity `max(ceil(cf·K·T/E), min_capacity)` (DeepSpeed's definition, T = real tokens).
+
+    Exact decimal arithmetic: in floats 1.1·100/10 = 11.000000000000002, which `ceil` turns into 12.
+    """
+    exact = Fraction(repr(float(capacity_factor))) * top_k * num_tokens / num_experts
+    return max(math.ceil(exact), min_capacity)
 
 
 def load_balancing_loss(probs: torch.Tensor, first_choice: torch.Tensor) -> torch.Tensor:
@@ -221,7 +226,7 @@ class SparseMoE(nn.Module):
             )
         # 1.
         flat = hidden_states.reshape(-1, self.hidden_size)  # [N, D]
-        real_index = _real_token_index(padding_mask, flat.shape[0])
+        real_index = _real_token_index(padding_mask, hidden_states.shape[:-1])
         tokens = flat if real_index is None else flat.index_select(0, real_index)  # [T, D]
         # 2.
         router_input = tokens
@@ -260,16 +265,16 @@ class SparseMoE(nn.Module):
                 f"use_rts={self.use_rts}, drop_tokens={self.drop_tokens}, jitter_noise={self.jitter_noise}")
 
 
-def _real_token_index(padding_mask: torch.Tensor | None, num_positions: int) -> torch.Tensor | None:
+def _real_token_index(padding_mask: torch.Tensor | None, lead_shape: torch.Size) -> torch.Tensor | None:
     """Indices of real tokens, or None when every position is real (the common, copy-free case)."""
     if padding_mask is None:
         return None
-    mask = padding_mask.reshape(-1).bool()
-    if mask.numel() != num_positions:
+    if padding_mask.shape != lead_shape:
         raise ValueError(
-            f"padding_mask has {mask.numel()} positions but hidden_states has {num_positions}; "
-            "pass a mask shaped like hidden_states[..., 0]"
+            f"padding_mask has shape {tuple(padding_mask.shape)} but hidden_states has {tuple(lead_shape)} "
+            "positions; pass a mask shaped like hidden_states[..., 0]"
         )
+    mask = padding_mask.reshape(-1).bool()
     if bool(mask.all()):
         return None
     return mask.nonzero().squeeze(1)

@@ -53,8 +53,6 @@ def test_wrong_padding_mask_size_raises_one_line_value_error(mask_shape):
     _assert_one_line_naming(excinfo, "padding_mask")
 
 
-@pytest.mark.xfail(strict=True, reason="only the mask's element count is checked: a [S, B] mask for [B, S, D] "
-                                       "input is accepted and silently marks the wrong tokens as padding")
 def test_transposed_padding_mask_raises():
     """hidden_states [B=2, S=3, D] needs a [2, 3] mask; a transposed [3, 2] one has the same element count."""
     layer = SparseMoE(**GOOD)

@@ -37,7 +37,6 @@ def test_expert_capacity_matches_formula_for_exact_factors(factor):
         assert expert_capacity(tokens, experts, top_k, factor, min_capacity) == expected, (tokens, experts, top_k)
 
 
-@pytest.mark.xfail(strict=True, reason="float rounding: cf=1.1, T=100, E=10, K=1 gives capacity 12, the formula 11")
 def test_expert_capacity_matches_formula_for_decimal_factors():
     """A user's capacity_factor=1.1 means 11/10: ceil(1.1·100/10) = 11. Computed as 1.1*1*100/10 in binary
     floating point it is 11.000000000000002 and ceil() rounds it up to 12."""
