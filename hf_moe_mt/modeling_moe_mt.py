@@ -184,7 +184,6 @@ class MoEMTAttention(nn.Module):
         self.v_proj = nn.Linear(config.d_model, config.d_model)
         self.out_proj = nn.Linear(config.d_model, config.d_model)
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(self, hidden_states, key_value_states=None, cache: Cache | None = None, attention_mask=None, **kwargs):
         """1. queries  2. keys/values: fresh, or cached cross-attention ones  3. attention  4. output projection."""
         is_cross_attention = key_value_states is not None
@@ -343,7 +342,6 @@ class MoEMTDecoderLayer(MoEMTLayer):
         self.encoder_attn = MoEMTAttention(config, heads, layer_idx=layer_idx)
         self._init_feed_forward(config, "decoder")
 
-    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(
         self,
         hidden_states,

@@ -1,0 +1,93 @@
+"""torch.compile: the forward compiles and matches eager; graph breaks come only from inside the MoE layer
+(host-synced token counts): every dense module (attention, LayerNorm, Linear) runs inside a compiled graph."""
+
+import logging
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from hf_moe_mt.modeling_moe_mt import MoEMTAttention
+
+from .conftest import make_model, random_batch
+
+
+class _GraphBreakLocations(logging.Handler):
+    """Collects the innermost user-code file of every graph break dynamo logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.files = []
+
+    def emit(self, record):
+        locations = re.findall(r'File "([^"]+)", line \d+', record.getMessage())
+        if "Graph break" in record.getMessage() and locations:
+            self.files.append(locations[-1].rsplit("/", 1)[-1])
+
+
+def _record_eager_dense_calls(model) -> list[str]:
+    """Names of dense modules that ran outside a compiled graph (hooks are traced into compiled code)."""
+    eager_calls = []
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.LayerNorm, nn.Linear, MoEMTAttention)):
+            module.register_forward_hook(
+                lambda *_, name=name: None if torch.compiler.is_compiling() else eager_calls.append(name)
+            )
+    return eager_calls
+
+
+def _compile_and_run(backend: str):
+    model, batch = make_model(), random_batch()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    eager_calls = _record_eager_dense_calls(model)
+    torch._dynamo.reset()
+    handler, logger = _GraphBreakLocations(), logging.getLogger("torch._dynamo")
+    torch._logging.set_logs(graph_breaks=True)
+    logger.addHandler(handler)
+    try:
+        with torch.no_grad():
+            # dynamic=False: see the xfail below (encoder and decoder MoE calls differ in shape, which would
+            # otherwise make the MoE frame dynamic on the very first forward).
+            logits = torch.compile(model, backend=backend, dynamic=False)(**batch).logits
+    finally:
+        logger.removeHandler(handler)
+        torch._logging.set_logs()
+        torch._dynamo.reset()
+    return logits, expected, handler.files, eager_calls
+
+
+def _check(backend: str, tolerance: float) -> None:
+    logits, expected, break_files, eager_calls = _compile_and_run(backend)
+    torch.testing.assert_close(logits, expected, atol=tolerance, rtol=tolerance)
+    assert "moe.py" in break_files  # the MoE layer's host syncs do break the graph ...
+    assert "modeling_moe_mt.py" not in break_files  # ... the model's own code never does
+    assert eager_calls == []  # and every dense module still runs compiled
+
+
+def test_compiled_forward_matches_eager_and_breaks_only_in_moe():
+    _check("eager", 1e-5)  # dynamo tracing only: ~15 s
+
+
+@pytest.mark.slow
+def test_inductor_compiled_forward_matches_eager():
+    _check("inductor", 1e-4)  # + C++ code generation: ~70 s on 2 cores
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="moe.expert_capacity computes with fractions.Fraction, which fails on the SymInt token count dynamo "
+    "passes once shapes turn dynamic (any 2nd shape, e.g. the decoder's MoE call after the encoder's); "
+    "integer ceil-division would trace",
+)
+def test_compiled_forward_handles_a_new_batch_shape():
+    model = make_model()
+    compiled = torch.compile(model, backend="eager")
+    try:
+        for src_len in (9, 12):
+            batch = random_batch(src_len=src_len)
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
