@@ -104,38 +104,40 @@ def test_expert_slice_refuses_another_ep_size_and_missing_files(tmp_path):
 
 
 # --------------------------------------------------------------------------- real processes
+# `tiny`: embedding → SparseMoE → SparseMoE → head; `moe_mt`: a tiny MoEMTForConditionalGeneration.
 
 @pytest.mark.distributed
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero_ep2_with_trainer_style_optimizer_matches_single_process(stage):
-    assert f"OK ep=2 world=2 stage={stage} optimizer=client offload=False" in torchrun(
-        "deepspeed_ep_train.py", "2", str(stage), "client")
+@pytest.mark.parametrize("stage, model", [(1, "tiny"), (2, "moe_mt")])
+def test_zero_ep2_with_trainer_style_optimizer_matches_single_process(stage, model):
+    assert f"OK ep=2 world=2 stage={stage} optimizer=client model={model} offload=False" in torchrun(
+        "deepspeed_ep_train.py", "2", str(stage), "client", model)
 
 
 @pytest.mark.distributed
 def test_zero2_cpu_offload_ep2_matches_single_process():
-    assert "OK ep=2 world=2 stage=2 optimizer=client offload=True" in torchrun(
-        "deepspeed_ep_train.py", "2", "2", "client", "offload")
+    assert "OK ep=2 world=2 stage=2 optimizer=client model=tiny offload=True" in torchrun(
+        "deepspeed_ep_train.py", "2", "2", "client", "tiny", "offload")
 
 
 @pytest.mark.distributed
 def test_zero2_ep2_with_deepspeed_config_optimizer_matches_single_process():
-    assert "OK ep=2 world=2 stage=2 optimizer=config" in torchrun("deepspeed_ep_train.py", "2", "2", "config")
+    assert "OK ep=2 world=2 stage=2 optimizer=config model=tiny" in torchrun(
+        "deepspeed_ep_train.py", "2", "2", "config", "tiny")
 
 
 @pytest.mark.distributed
 def test_zero2_checkpoint_ep2_by_edp2_resumes_exactly_and_refuses_other_ep_size(tmp_path):
-    """4 processes: experts' ZeRO state sharded over expert-DP; also ≡ single process, replicas equal."""
-    out = torchrun("deepspeed_ep_checkpoint.py", "2", "2", str(tmp_path), nproc=4)
-    assert "OK checkpoint ep=2 world=4 stage=2 offload=False" in out
+    """4 processes: expert optimizer state sharded over expert-DP; run A also ≡ one process."""
+    out = torchrun("deepspeed_ep_checkpoint.py", "2", "2", "moe_mt", str(tmp_path), nproc=4)
+    assert "OK checkpoint ep=2 world=4 stage=2 model=moe_mt offload=False" in out
 
 
 @pytest.mark.distributed
 def test_zero2_offload_checkpoint_ep2_resumes_exactly(tmp_path):
-    out = torchrun("deepspeed_ep_checkpoint.py", "2", "2", str(tmp_path), "offload")
-    assert "OK checkpoint ep=2 world=2 stage=2 offload=True" in out
+    out = torchrun("deepspeed_ep_checkpoint.py", "2", "2", "tiny", str(tmp_path), "offload")
+    assert "OK checkpoint ep=2 world=2 stage=2 model=tiny offload=True" in out
 
 
 @pytest.mark.distributed
 def test_ddp_ep2_with_expert_gradient_reduction_matches_single_process():
-    assert "OK ddp ep=2 world=2" in torchrun("ddp_ep_train.py", "2")
+    assert "OK ddp ep=2 world=2 model=moe_mt" in torchrun("ddp_ep_train.py", "2", "moe_mt")
