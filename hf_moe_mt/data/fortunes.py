@@ -14,14 +14,19 @@ import re
 
 from .cleaning import is_placeholder, normalize_text
 
-_ATTRIBUTION = re.compile(r"^\s*--\s")
+_ATTRIBUTION = re.compile(r"^\s*--\s")  # an attribution line: "\t\t-- Author"
+_INLINE_ATTRIBUTION = re.compile(r"\s+--\s[^-]{1,60}$")  # "text -- Author" on the last line (fortunes-zh)
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes (fortunes-zh)
+# fortunes-zh installs into the shared top-level directory (where the English files live) instead of a
+# per-language subdirectory: its files are recognised by name
+_TOP_LEVEL_FILES = {"chinese": "zh", "tang300": "zh", "song100": "zh"}
 _SEPARATOR = re.compile(r"^%\s*$", re.MULTILINE)
 MAX_CHARS = 500
 
 
 def clean_fortune(entry: str) -> str | None:
-    lines = [line for line in entry.splitlines() if not _ATTRIBUTION.match(line)]
-    text = normalize_text(" ".join(lines))
+    lines = [line for line in _ANSI.sub("", entry).splitlines() if not _ATTRIBUTION.match(line)]
+    text = _INLINE_ATTRIBUTION.sub("", normalize_text(" ".join(lines)))
     letters = sum(char.isalpha() for char in text)
     if is_placeholder(text) or len(text) > MAX_CHARS or letters < 0.6 * len(text.replace(" ", "")):
         return None
@@ -39,16 +44,18 @@ def read_fortune_file(path: str) -> list[str]:
 
 
 def read_fortunes(root: str, languages: list[str] | None = None) -> dict[str, list[str]]:
-    """{language: [deduplicated entries]} from root/**/fortunes/<lang>/<file> (index .dat files and
-    symlinks skipped). Languages without fortunes are simply absent: this source is best effort."""
+    """{language: [deduplicated entries]} from root/**/fortunes/<lang>/<file> and the fortunes-zh files in
+    root/**/fortunes/ (index .dat files and symlinks skipped). Languages without fortunes are simply
+    absent: this source is best effort."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"fortunes directory {root} does not exist (see scripts/fetch_offline_text.sh)")
     texts: dict[str, dict[str, None]] = {}
-    for path in sorted(glob.glob(os.path.join(root, "**", "fortunes", "*", "*"), recursive=True)):
-        language = os.path.basename(os.path.dirname(path))
-        if path.endswith(".dat") or os.path.islink(path) or not os.path.isfile(path):
-            continue
-        if languages is not None and language not in languages:
-            continue
-        texts.setdefault(language, {}).update(dict.fromkeys(read_fortune_file(path)))
+    for path in sorted(glob.glob(os.path.join(root, "**", "fortunes", "*"), recursive=True)):
+        nested = os.path.isdir(path)
+        for file in sorted(glob.glob(os.path.join(path, "*"))) if nested else [path]:
+            if file.endswith(".dat") or os.path.islink(file) or not os.path.isfile(file):
+                continue
+            language = os.path.basename(path) if nested else _TOP_LEVEL_FILES.get(os.path.basename(file))
+            if language is not None and (languages is None or language in languages):
+                texts.setdefault(language, {}).update(dict.fromkeys(read_fortune_file(file)))
     return {language: list(entries) for language, entries in texts.items()}

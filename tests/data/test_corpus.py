@@ -142,7 +142,12 @@ def test_fortunes_become_monolingual_text(tmp_path, fixture_corpus):
         encoding="utf-8",
     )
     (folder / "sprueche.dat").write_bytes(b"\x00\x01binary index")
-    assert read_fortunes(str(tmp_path)) == {"de": ["Wer rastet, der rostet.", "Ein langer Spruch über zwei Zeilen."]}
+    (folder.parent / "chinese").write_text("温故而知新。 \x1b[33m -- 孔子\x1b[m\n%\n", encoding="utf-8")  # fortunes-zh layout
+    (folder.parent / "startrek").write_text("Live long and prosper.\n%\n", encoding="utf-8")  # English: ignored
+    assert read_fortunes(str(tmp_path)) == {
+        "de": ["Wer rastet, der rostet.", "Ein langer Spruch über zwei Zeilen."],
+        "zh": ["温故而知新。"],
+    }
     corpus = build_corpus(fixture_config(tmp_path / "c", languages=["de", "fr"], fortunes_dir=str(tmp_path)))
     mono = corpus["monolingual"][:]
     assert Counter(zip(mono["lang"], mono["source"])) == {("de", "parallel"): 17, ("fr", "parallel"): 17, ("de", "fortunes"): 2}
