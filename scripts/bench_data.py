@@ -16,7 +16,14 @@ import tempfile
 import time
 
 import hf_moe_mt  # noqa: F401  (registers the tokenizer; sets THP before torch)
-from hf_moe_mt.data import CorpusConfig, MultitaskConfig, build_corpus, build_multitask_dataset, save_tokenizer, train_tokenizer
+from hf_moe_mt.data import (
+    CorpusConfig,
+    MultitaskConfig,
+    build_corpus,
+    build_multitask_dataset,
+    save_tokenizer,
+    train_tokenizer,
+)
 
 
 def timed(function, *args, **kwargs):

@@ -11,7 +11,9 @@ import tempfile
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
     """Refuse to replace a non-empty directory (or a file) unless asked to; checked before any work."""
     if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)) and not overwrite:
-        raise ValueError(f"output directory {output_dir} already exists and is not empty; pass --overwrite to replace it")
+        raise ValueError(
+            f"output directory {output_dir} already exists and is not empty; pass --overwrite to replace it"
+        )
 
 
 @contextlib.contextmanager

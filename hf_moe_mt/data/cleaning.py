@@ -62,7 +62,9 @@ def filter_length_ratio(pairs: dict[str, list], max_ratio: float = 2.0, max_char
     English character count), so one absolute ratio would either drop all of Chinese or none of German.
     What it catches: merged verses aligned with a single verse, truncated or misaligned lines.
     """
-    log_ratio = [math.log(len(s) / len(t)) if s and t else math.inf for s, t in zip(pairs["src_text"], pairs["tgt_text"])]
+    log_ratio = [
+        math.log(len(s) / len(t)) if s and t else math.inf for s, t in zip(pairs["src_text"], pairs["tgt_text"])
+    ]
     by_pair: dict[tuple[str, str], list[float]] = defaultdict(list)
     for key, value in zip(zip(pairs["src_lang"], pairs["tgt_lang"]), log_ratio):
         if math.isfinite(value):
@@ -100,6 +102,8 @@ def remove_overlap(train: dict[str, list], held_out: list[dict[str, list]]) -> d
         seen.update(zip(split["tgt_lang"], split["tgt_text"]))
     keep = [
         (src_lang, src) not in seen and (tgt_lang, tgt) not in seen
-        for src_lang, tgt_lang, src, tgt in zip(train["src_lang"], train["tgt_lang"], train["src_text"], train["tgt_text"])
+        for src_lang, tgt_lang, src, tgt in zip(
+            train["src_lang"], train["tgt_lang"], train["src_text"], train["tgt_text"]
+        )
     ]
     return select_rows(train, keep)

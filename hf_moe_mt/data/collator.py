@@ -40,6 +40,8 @@ class MultitaskCollator(DataCollatorForSeq2Seq):
         features = [{key: feature[key] for key in MODEL_COLUMNS if key in feature} for feature in features]
         batch = super().__call__(features, return_tensors="pt")
         if self.make_decoder_input_ids and "labels" in batch and "decoder_input_ids" not in batch:
-            start = self.decoder_start_token_id if self.decoder_start_token_id is not None else self.tokenizer.eos_token_id
+            start = self.decoder_start_token_id
+            if start is None:
+                start = self.tokenizer.eos_token_id
             batch["decoder_input_ids"] = shift_tokens_right(batch["labels"], self.tokenizer.pad_token_id, start)
         return batch

@@ -22,7 +22,8 @@ from . import bible, cleaning
 from .atomic import atomic_directory, check_output_dir
 
 SPLITS = ("train", "validation", "test")
-PAIR_FEATURES = datasets.Features({name: datasets.Value("string") for name in ("src_lang", "tgt_lang", "src_text", "tgt_text", "ref")})
+PAIR_COLUMNS = ("src_lang", "tgt_lang", "src_text", "tgt_text")
+PAIR_FEATURES = datasets.Features({name: datasets.Value("string") for name in (*PAIR_COLUMNS, "ref")})
 MONOLINGUAL_FEATURES = datasets.Features({name: datasets.Value("string") for name in ("lang", "text", "source")})
 SOURCES = ("bible", "jsonl", "tsv", "gettext", "hf")
 BUILD_INFO = "build_info.json"
@@ -74,7 +75,9 @@ def read_source(config: CorpusConfig) -> tuple[dict[str, list], dict]:
 
         if not config.hf_name:
             raise ValueError("--source hf needs --hf-name NAME (a datasets.load_dataset name, e.g. 'json')")
-        pairs, report = read_hub_pairs(config.hf_name, config.hf_config, config.hf_split, config.inputs, config.skip_bad_lines)
+        pairs, report = read_hub_pairs(
+            config.hf_name, config.hf_config, config.hf_split, config.inputs, config.skip_bad_lines
+        )
         return pairs, asdict(report)
     raise ValueError(f"unknown source {config.source!r}; choose one of {', '.join(SOURCES)}")
 
@@ -211,10 +214,13 @@ def build_corpus(config: CorpusConfig) -> datasets.DatasetDict:
     splits["train"] = cap_pairs(splits["train"], config.max_pairs_per_language, np.random.default_rng(config.seed))  # 4
     if not splits["train"]["src_text"]:
         raise ValueError("the corpus is empty after cleaning and splitting; check the input languages and files")
-    monolingual = monolingual_columns(splits["train"], config.pivot_language, config.fortunes_dir, config.languages)  # 5
-    corpus = datasets.DatasetDict(
-        {name: datasets.Dataset.from_dict({c: splits[name][c] for c in PAIR_FEATURES}, features=PAIR_FEATURES) for name in SPLITS}
+    monolingual = monolingual_columns(  # 5
+        splits["train"], config.pivot_language, config.fortunes_dir, config.languages
     )
+    corpus = datasets.DatasetDict({
+        name: datasets.Dataset.from_dict({c: splits[name][c] for c in PAIR_FEATURES}, features=PAIR_FEATURES)
+        for name in SPLITS
+    })
     corpus["monolingual"] = datasets.Dataset.from_dict(monolingual, features=MONOLINGUAL_FEATURES)
     info = {
         "config": asdict(config),
@@ -241,14 +247,17 @@ def save_corpus(corpus: datasets.DatasetDict, info: dict, output_dir: str, overw
 def load_corpus(path: str) -> datasets.DatasetDict:
     """Load a corpus saved by build_corpus, with one-line errors for anything else."""
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"corpus directory {path} does not exist; build one with: hf-moe-mt data build --output {path}")
+        raise FileNotFoundError(
+            f"corpus directory {path} does not exist; build one with: hf-moe-mt data build --output {path}"
+        )
     if not os.path.isfile(os.path.join(path, "dataset_dict.json")):
         raise ValueError(
-            f"{path} is not a saved DatasetDict (no dataset_dict.json); build one with: hf-moe-mt data build --output {path}"
+            f"{path} is not a saved DatasetDict (no dataset_dict.json); "
+            f"build one with: hf-moe-mt data build --output {path}"
         )
     corpus = datasets.load_from_disk(path)
     missing = [name for name in SPLITS if name not in corpus]
-    if missing or any(column not in corpus["train"].column_names for column in ("src_lang", "tgt_lang", "src_text", "tgt_text")):
+    if missing or any(column not in corpus["train"].column_names for column in PAIR_COLUMNS):
         raise ValueError(
             f"{path} is a DatasetDict but not a hf_moe_mt corpus (needs splits {', '.join(SPLITS)} with columns "
             "src_lang, tgt_lang, src_text, tgt_text)"

@@ -100,12 +100,12 @@ def _iter_records(path: str, fmt: str, report: ReadReport, skip_bad_lines: bool)
             report.lines_read += 1
             try:
                 if fmt == "jsonl":
-                    yield parse_jsonl_line(line)
+                    yield (number, *parse_jsonl_line(line))
                     continue
                 fields = line.rstrip("\r\n").split("\t")
                 if len(fields) != width:
                     raise BadLine(f"expected {width} tab-separated fields, got {len(fields)}")
-                yield parse_fields(fields), None
+                yield number, parse_fields(fields), None
             except BadLine as error:
                 if not skip_bad_lines:
                     raise ValueError(f"{path}:{number}: {error}; fix the line or pass --skip-bad-lines") from None
@@ -122,7 +122,7 @@ def file_format(path: str) -> str:
 
 
 def read_parallel_files(paths: list[str], skip_bad_lines: bool = False) -> tuple[dict[str, list], ReadReport]:
-    """Read pairs from JSONL/TSV files into corpus columns; `ref` is "file:line-index"."""
+    """Read pairs from JSONL/TSV files into corpus columns; `ref` is "file:line number"."""
     if not paths:
         raise ValueError("no input files: pass one or more .jsonl/.tsv files with --inputs")
     pairs, report = empty_pairs(), ReadReport()
@@ -131,10 +131,10 @@ def read_parallel_files(paths: list[str], skip_bad_lines: bool = False) -> tuple
             raise FileNotFoundError(f"input file {path} does not exist")
         fmt = file_format(path)
         before, skipped_before = len(pairs["src_text"]), report.lines_skipped
-        for index, ((src_lang, tgt_lang, src, tgt), group) in enumerate(_iter_records(path, fmt, report, skip_bad_lines)):
-            for column, value in zip(_FULL_HEADER, (src_lang, tgt_lang, src, tgt)):
+        for number, values, group in _iter_records(path, fmt, report, skip_bad_lines):
+            for column, value in zip(_FULL_HEADER, values):
                 pairs[column].append(value)
-            pairs["ref"].append(f"{os.path.basename(path)}:{index}")
+            pairs["ref"].append(f"{os.path.basename(path)}:{number}")
             pairs["group"].append("" if group is None else str(group))
         if len(pairs["src_text"]) == before and report.lines_skipped == skipped_before:
             raise ValueError(f"input file {path} is empty: it holds no sentence pairs")

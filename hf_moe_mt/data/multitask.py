@@ -83,8 +83,10 @@ def with_language(tokenizer, pieces: list[list[int]], languages: list[str], max_
     lang_ids = tokenizer.lang_code_to_id  # once per batch: the per-call lookup scans all added tokens
     unknown = set(languages) - set(lang_ids)
     if unknown:
-        raise ValueError(f"the tokenizer has no language token for {', '.join(sorted(unknown))}; retrain it on this corpus")
-    return [[lang_ids[language], *ids[: max_length - 2], tokenizer.eos_token_id] for language, ids in zip(languages, pieces)]
+        missing = ", ".join(sorted(unknown))
+        raise ValueError(f"the tokenizer has no language token for {missing}; retrain it on this corpus")
+    eos = tokenizer.eos_token_id
+    return [[lang_ids[language], *ids[: max_length - 2], eos] for language, ids in zip(languages, pieces)]
 
 
 def translation_batch(batch: dict, indices: list[int], tokenizer, config: MultitaskConfig) -> dict:
@@ -107,11 +109,12 @@ def translation_batch(batch: dict, indices: list[int], tokenizer, config: Multit
 
 def denoising_batch(batch: dict, indices: list[int], tokenizer, config: MultitaskConfig) -> dict:
     """Batched map function: permute sentences, tokenize, mask spans; the label is the clean sentence."""
-    noise, rngs = config.noise, [example_rng(config.seed, DENOISING, i) for i in indices]
+    noise, mask_id = config.noise, tokenizer.mask_token_id
+    rngs = [example_rng(config.seed, DENOISING, i) for i in indices]
     permuted = [permute_sentences(text, noise.permute_sentence_ratio, rng) for text, rng in zip(batch["text"], rngs)]
     permuted_ids = tokenizer(permuted, add_special_tokens=False)["input_ids"]
     noised = [
-        mask_spans(ids[: config.max_source_length - 2], tokenizer.mask_token_id, noise.mask_ratio, noise.poisson_lambda, rng)
+        mask_spans(ids[: config.max_source_length - 2], mask_id, noise.mask_ratio, noise.poisson_lambda, rng)
         for ids, rng in zip(permuted_ids, rngs)
     ]
     input_ids = with_language(tokenizer, noised, batch["lang"], config.max_source_length)
@@ -130,7 +133,7 @@ def split_counts(config: MultitaskConfig, num_pairs: int, num_monolingual: int) 
     total = config.num_examples if config.num_examples is not None else 2 * num_pairs
     num_denoising = round(total * config.denoising_ratio)
     if num_denoising and not num_monolingual:
-        raise ValueError("denoising_ratio > 0 needs a 'monolingual' split in the corpus (build it with hf-moe-mt data build)")
+        raise ValueError("denoising_ratio > 0 needs a 'monolingual' split (hf-moe-mt data build makes one)")
     return total - num_denoising, num_denoising
 
 
@@ -160,7 +163,8 @@ def build_multitask_dataset(
     config = config or MultitaskConfig()
     pairs = corpus[split]
     monolingual = corpus["monolingual"] if "monolingual" in corpus and config.denoising_ratio > 0 else None
-    num_translation, num_denoising = split_counts(config, len(pairs), len(monolingual) if monolingual is not None else 0)
+    num_monolingual = len(monolingual) if monolingual is not None else 0
+    num_translation, num_denoising = split_counts(config, len(pairs), num_monolingual)
     parts = []
     if num_translation:  # 1
         keys = [f"{s}-{t}" for s, t in zip(column_list(pairs, "src_lang"), column_list(pairs, "tgt_lang"))]

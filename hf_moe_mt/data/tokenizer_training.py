@@ -114,7 +114,8 @@ def train_backend(sentences: list[str], languages: list[str], vocab_size: int, m
     specials = [*SPECIAL_TOKENS, *(language_token(language) for language in languages)]
     budget = vocab_size - len(BYTE_TOKENS)
     if budget < len(specials) + 100:
-        raise ValueError(f"--vocab-size {vocab_size} is too small: it must exceed {len(specials) + len(BYTE_TOKENS) + 100}")
+        minimum = len(specials) + len(BYTE_TOKENS) + 100
+        raise ValueError(f"--vocab-size {vocab_size} is too small: it must exceed {minimum}")
     if model_type == "unigram":
         tokenizer = pipeline_components(Tokenizer(models.Unigram()))
         trainer = trainers.UnigramTrainer(
