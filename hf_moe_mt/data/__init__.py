@@ -18,13 +18,15 @@ Sequence convention (M2M100/NLLB): input `[__src__] x </s>`, labels `[__tgt__] y
 decoder_input_ids = shift_tokens_right(labels) with decoder_start_token_id = eos; generation starts from
 eos and forces the target language token first (`forced_bos_token_id = tokenizer.get_lang_id(tgt)`).
 
-Building: `build_corpus(CorpusConfig(...))` / `hf-moe-mt data build`, `train_tokenizer(corpus)` /
-`hf-moe-mt data tokenizer`. Evaluation pairs: `corpus["validation"]`, `corpus["test"]` (held-out books).
+Corpora too large to index: `build_multitask_stream(iterable_corpus, tokenizer, pair_counts, ...)` gives
+the same examples as an IterableDataset. Building: `build_corpus(CorpusConfig(...))` / `hf-moe-mt data
+build`, `train_tokenizer(corpus)` / `hf-moe-mt data tokenizer`. Evaluation pairs: `corpus["validation"]`,
+`corpus["test"]` (held-out Bible books); `tokenizer._build_translation_inputs(...)` for generation inputs.
 """
 
 from .collator import MultitaskCollator
 from .corpus import CorpusConfig, build_corpus, load_corpus
-from .multitask import MultitaskConfig, build_multitask_dataset
+from .multitask import MultitaskConfig, build_multitask_dataset, build_multitask_stream
 from .noising import NoiseConfig
 from .sampling import temperature_probabilities
 from .tokenizer_training import save_tokenizer, train_tokenizer
@@ -36,6 +38,7 @@ __all__ = [
     "NoiseConfig",
     "build_corpus",
     "build_multitask_dataset",
+    "build_multitask_stream",
     "load_corpus",
     "save_tokenizer",
     "temperature_probabilities",

@@ -19,7 +19,7 @@ import numpy as np
 
 from .corpus import column_list
 from .noising import NoiseConfig, mask_spans, permute_sentences
-from .sampling import DEFAULT_TEMPERATURE, temperature_sample
+from .sampling import DEFAULT_TEMPERATURE, temperature_probabilities, temperature_sample
 
 TRANSLATION, DENOISING = "translation", "denoising"
 _TASK_SEED = {TRANSLATION: 0, DENOISING: 1}
@@ -174,3 +174,48 @@ def build_multitask_dataset(
         rows, _ = plan_rows(column_list(monolingual, "lang"), num_denoising, config.temperature, config.seed + 1)
         parts.append(_map(monolingual.select(rows), denoising_batch, tokenizer, config, "denoising examples"))  # 3
     return datasets.concatenate_datasets(parts).shuffle(seed=config.seed)  # 4
+
+
+def interleave_groups(stream: datasets.IterableDataset, key, counts: dict[str, int], config: MultitaskConfig):
+    """One filtered stream per group, interleaved with temperature probabilities; small groups restart
+    when exhausted ("all_exhausted"), i.e. they are up-sampled as in the map-style plan."""
+    probabilities = temperature_probabilities(counts, config.temperature)
+    streams = [stream.filter(lambda row, group=group: key(row) == group) for group in probabilities]
+    return datasets.interleave_datasets(
+        streams, probabilities=list(probabilities.values()), seed=config.seed, stopping_strategy="all_exhausted"
+    )
+
+
+def build_multitask_stream(
+    corpus,
+    tokenizer,
+    pair_counts: dict[str, int],
+    monolingual_counts: dict[str, int] | None = None,
+    config: MultitaskConfig | None = None,
+    split: str = "train",
+) -> datasets.IterableDataset:
+    """Streaming variant of build_multitask_dataset for corpora too large to index (an IterableDatasetDict,
+    e.g. `load_dataset(..., streaming=True)` or `Dataset.to_iterable_dataset()`): the same example layout
+    and map functions, tokenized on the fly; parallelism comes from DataLoader workers, not num_proc.
+
+    `pair_counts` ({"de-en": n, ...}) and `monolingual_counts` ({"de": n, ...}) set the temperature weights
+    without a pass over the data (build_info.json of a built corpus has both as "counts"/"monolingual_counts").
+    Every group is a filter over the stream, so each group reads the stream once.
+    """
+    config = config or MultitaskConfig()
+    fn_kwargs = {"tokenizer": tokenizer, "config": config}
+    pairs = interleave_groups(corpus[split], lambda row: f"{row['src_lang']}-{row['tgt_lang']}", pair_counts, config)
+    parts = [pairs.map(translation_batch, batched=True, batch_size=config.batch_size, with_indices=True,
+                       fn_kwargs=fn_kwargs, remove_columns=pairs.column_names)]
+    if config.denoising_ratio > 0:
+        if not monolingual_counts:
+            raise ValueError("denoising_ratio > 0 needs monolingual_counts and a 'monolingual' split")
+        text = interleave_groups(corpus["monolingual"], lambda row: row["lang"], monolingual_counts, config)
+        parts.append(text.map(denoising_batch, batched=True, batch_size=config.batch_size, with_indices=True,
+                              fn_kwargs=fn_kwargs, remove_columns=text.column_names))
+    if len(parts) == 1:
+        return parts[0]
+    ratio = config.denoising_ratio
+    return datasets.interleave_datasets(
+        parts, probabilities=[1 - ratio, ratio], seed=config.seed, stopping_strategy="all_exhausted"
+    )

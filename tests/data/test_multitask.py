@@ -174,3 +174,26 @@ def test_collated_batch_trains_a_tiny_model(multitask, tokenizer):
     # the model's own decoder inputs follow the same convention as the collator's option
     ours = shift_tokens_right(batch["labels"], tokenizer.pad_token_id, tokenizer.eos_token_id)
     assert torch.equal(model_shift(batch["labels"], config.pad_token_id, config.decoder_start_token_id), ours)
+
+
+def test_streaming_variant_samples_by_temperature(unequal_corpus, tokenizer):
+    import itertools
+
+    from hf_moe_mt.data.multitask import build_multitask_stream
+
+    stream = {name: split.to_iterable_dataset() for name, split in unequal_corpus.items()}
+    pair_counts = {f"{language}-en": size for language, size in SIZES.items()}
+    config = MultitaskConfig(denoising_ratio=0.3, seed=3, batch_size=100)
+    examples = list(itertools.islice(build_multitask_stream(stream, tokenizer, pair_counts, MONO_SIZES, config), 3000))
+    again = list(itertools.islice(build_multitask_stream(stream, tokenizer, pair_counts, MONO_SIZES, config), 3000))
+    assert examples == again and len(examples) == 3000
+    tasks = Counter(example["task"] for example in examples)
+    assert abs(tasks[DENOISING] / 3000 - 0.3) < 0.03
+    translation = [e for e in examples if e["task"] == TRANSLATION]
+    languages = Counter(e["src_lang"] if e["tgt_lang"] == "en" else e["tgt_lang"] for e in translation)
+    expected = temperature_probabilities(SIZES)
+    for language in SIZES:
+        assert abs(languages[language] / len(translation) - expected[language]) < 0.04
+    for example in translation[:50]:
+        assert example["input_ids"][0] == tokenizer.get_lang_id(example["src_lang"])
+        assert example["labels"][0] == tokenizer.get_lang_id(example["tgt_lang"])
