@@ -12,7 +12,9 @@ The three entry points a training loop needs:
                                                  # (b) input_ids, attention_mask, labels (+ task,
                                                  #     src_lang, tgt_lang), languages sampled ∝ n^(1/T)
     collator = MultitaskCollator(tokenizer)      # (c) pads, labels -100 on padding
-    Seq2SeqTrainer(model=model, train_dataset=train, data_collator=collator, ...)
+    dev = build_translation_eval_dataset(corpus, tokenizer, "validation")  # every pair, both directions,
+                                                 #     plus src_text/tgt_text (BLEU references)
+    Seq2SeqTrainer(model=model, train_dataset=train, eval_dataset=dev, data_collator=collator, ...)
 
 Sequence convention (M2M100/NLLB): input `[__src__] x </s>`, labels `[__tgt__] y </s>`; the model makes
 decoder_input_ids = shift_tokens_right(labels) with decoder_start_token_id = eos; generation starts from
@@ -26,7 +28,7 @@ build`, `train_tokenizer(corpus)` / `hf-moe-mt data tokenizer`. Evaluation pairs
 
 from .collator import MultitaskCollator
 from .corpus import CorpusConfig, build_corpus, load_corpus
-from .multitask import MultitaskConfig, build_multitask_dataset, build_multitask_stream
+from .multitask import MultitaskConfig, build_multitask_dataset, build_multitask_stream, build_translation_eval_dataset
 from .noising import NoiseConfig
 from .sampling import temperature_probabilities
 from .tokenizer_training import save_tokenizer, train_tokenizer
@@ -39,6 +41,7 @@ __all__ = [
     "build_corpus",
     "build_multitask_dataset",
     "build_multitask_stream",
+    "build_translation_eval_dataset",
     "load_corpus",
     "save_tokenizer",
     "temperature_probabilities",

@@ -12,7 +12,7 @@ For denoising src = tgt = the sentence's language and the source is the noised s
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import datasets
 import numpy as np
@@ -56,7 +56,7 @@ def example_rng(seed: int, task: str, index: int) -> np.random.Generator:
 def example_uniforms(seed: int, task: str, indices: list[int]) -> np.ndarray:
     """One uniform [0, 1) per example index, counter-based (SplitMix64 of seed/task/index): the same
     guarantee as example_rng for a single coin flip, vectorised (a Generator per example costs ~20 µs)."""
-    z = np.asarray(indices, dtype=np.uint64) + np.uint64((seed * 2 + _TASK_SEED[task]) << 40)
+    z = np.asarray(indices, dtype=np.uint64) + np.uint64(((seed * 2 + _TASK_SEED[task]) << 40) % 2**64)
     z = z + np.uint64(0x9E3779B97F4A7C15)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
@@ -126,6 +126,24 @@ def denoising_batch(batch: dict, indices: list[int], tokenizer, config: Multitas
         "src_lang": list(batch["lang"]),
         "tgt_lang": list(batch["lang"]),
     }
+
+
+def evaluation_batch(batch: dict, indices: list[int], tokenizer, config: MultitaskConfig) -> dict:
+    """Batched map function for held-out splits: every pair once in each direction, no sampling, plus
+    the raw texts (`tgt_text` is the reference for BLEU; decoded labels are NFKC-normalised)."""
+    swapped = {"src_lang": "tgt_lang", "tgt_lang": "src_lang", "src_text": "tgt_text", "tgt_text": "src_text"}
+    both = {column: [*batch[column], *batch[other]] for column, other in swapped.items()}
+    examples = translation_batch(both, [*indices, *indices], tokenizer, replace(config, both_directions=False))
+    return {**examples, "src_text": both["src_text"], "tgt_text": both["tgt_text"]}
+
+
+def build_translation_eval_dataset(
+    corpus: datasets.DatasetDict, tokenizer, split: str = "validation", config: MultitaskConfig | None = None
+) -> datasets.Dataset:
+    """`corpus[split]` as translation examples, each pair in both directions exactly once (2 rows per pair),
+    in corpus order: the eval_dataset for Seq2SeqTrainer and the source/reference texts for BLEU."""
+    config = config or MultitaskConfig()
+    return _map(corpus[split], evaluation_batch, tokenizer, config, f"{split} examples")
 
 
 def split_counts(config: MultitaskConfig, num_pairs: int, num_monolingual: int) -> tuple[int, int]:

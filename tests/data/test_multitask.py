@@ -197,3 +197,19 @@ def test_streaming_variant_samples_by_temperature(unequal_corpus, tokenizer):
     for example in translation[:50]:
         assert example["input_ids"][0] == tokenizer.get_lang_id(example["src_lang"])
         assert example["labels"][0] == tokenizer.get_lang_id(example["tgt_lang"])
+
+
+def test_eval_dataset_has_every_pair_once_per_direction(fixture_corpus, tokenizer):
+    from hf_moe_mt.data import build_translation_eval_dataset
+
+    split = fixture_corpus["test"][:]
+    rows = build_translation_eval_dataset(fixture_corpus, tokenizer, split="test")[:]
+    forward = set(zip(split["src_lang"], split["tgt_lang"], split["src_text"], split["tgt_text"]))
+    backward = {(tl, sl, t, s) for sl, tl, s, t in forward}
+    got = list(zip(rows["src_lang"], rows["tgt_lang"], rows["src_text"], rows["tgt_text"]))
+    assert len(got) == 2 * len(forward) and set(got) == forward | backward
+    normalize = tokenizer.backend_tokenizer.normalizer.normalize_str
+    for row in build_translation_eval_dataset(fixture_corpus, tokenizer, split="test"):
+        assert row["input_ids"][0] == tokenizer.get_lang_id(row["src_lang"])
+        assert row["labels"][0] == tokenizer.get_lang_id(row["tgt_lang"])
+        assert tokenizer.decode(row["labels"], skip_special_tokens=True) == normalize(row["tgt_text"])
