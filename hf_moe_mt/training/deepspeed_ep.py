@@ -32,7 +32,6 @@ Engine checkpoint layout (`save_dir/tag/`), ZeRO-1/2:
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import re
@@ -59,15 +58,14 @@ SUPPORTED_ZERO_STAGES = (1, 2)
 
 # --------------------------------------------------------------------------- config and process groups
 
-def validate_deepspeed_config(deepspeed_config: dict | str | os.PathLike | None, ep_size: int) -> None:
+def validate_deepspeed_config(deepspeed_config: dict | str | os.PathLike, ep_size: int) -> None:
     """Refuse DeepSpeed settings that cannot train our expert-parallel layer (one-line ValueErrors).
 
     ZeRO-3 partitions every parameter over the whole data-parallel world, which would tear experts
     apart across EP ranks (DeepSpeed itself refuses native MoE with stage 3). ZeRO-0 clips by the
-    average of per-rank norms instead of the global norm under EP (measured 1e-3 off).
+    average of per-rank norms instead of the global norm under EP (measured 1e-3 off) and keeps
+    optimizer state in per-EP-rank files our checkpoints do not write.
     """
-    if deepspeed_config is None:
-        return
     if not isinstance(deepspeed_config, dict):
         path = Path(deepspeed_config)
         if not path.is_file():
@@ -162,8 +160,7 @@ def mark_moe_layer_for_deepspeed(module: SparseMoE, groups: ExpertParallelGroups
     module.use_residual = False
 
 
-def prepare_model_for_deepspeed(model: nn.Module, ep_size: int,
-                                deepspeed_config: dict | str | os.PathLike | None = None,
+def prepare_model_for_deepspeed(model: nn.Module, ep_size: int, deepspeed_config: dict | str | os.PathLike,
                                 dist_backend: str | None = None) -> ExpertParallelGroups:
     """Make a full single-device model train expert-parallel under DeepSpeed's engine (collective call).
 
@@ -300,6 +297,9 @@ def _save_expert_parallel_checkpoint(engine: DeepSpeedEngine, save_dir: str, tag
     1. each EP rank's expert slice  2. rank 0: DeepSpeed's model-states file without the experts.
     The ZeRO optimizer shards are saved by the engine afterwards, as for any model.
     """
+    if not engine.zero_optimization() or engine.zero_optimization_partition_weights():
+        raise ValueError("expert-parallel checkpoints need ZeRO stage 1 or 2; set zero_optimization.stage "
+                         "and pass the DeepSpeed config to prepare_model_for_deepspeed")
     groups = expert_parallel_groups_of(engine.module)
     checkpoint_dir = os.path.join(save_dir, str(tag))
     engine._curr_ckpt_path = checkpoint_dir
@@ -331,11 +331,11 @@ def install_engine_checkpoint_hooks() -> None:
     native_save = DeepSpeedEngine._save_moe_checkpoint
     native_load = DeepSpeedEngine.load_moe_state_dict
 
-    def _save_moe_checkpoint(self, save_dir, tag, client_state={}, exclude_frozen_parameters=False):
+    def _save_moe_checkpoint(self, save_dir, tag, client_state=None, exclude_frozen_parameters=False):
         if not _is_ours(self.module):
-            return native_save(self, save_dir, tag, client_state=client_state,
+            return native_save(self, save_dir, tag, client_state=client_state or {},
                                exclude_frozen_parameters=exclude_frozen_parameters)
-        return _save_expert_parallel_checkpoint(self, save_dir, tag, client_state, exclude_frozen_parameters)
+        return _save_expert_parallel_checkpoint(self, save_dir, tag, client_state or {}, exclude_frozen_parameters)
 
     def load_moe_state_dict(checkpoint_path, tag, state_dict, old_moe_load, model=None, **kwargs):
         if not _is_ours(model):
@@ -350,7 +350,8 @@ def install_engine_checkpoint_hooks() -> None:
 
 def load_full_state_dict(save_dir: str | os.PathLike, tag: str | None = None) -> dict[str, torch.Tensor]:
     """Consolidate an engine checkpoint offline: every expert, HF names (the portable single-device
-    state dict, any ep_size). `tag` defaults to the one in `save_dir/latest`."""
+    state dict, any ep_size). Weights as the module held them (bf16 under bf16 training; the fp32
+    masters live in the ZeRO shards). `tag` defaults to the one in `save_dir/latest`."""
     save_dir = Path(save_dir)
     if tag is None:
         latest = save_dir / "latest"

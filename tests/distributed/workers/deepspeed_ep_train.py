@@ -2,8 +2,8 @@
 
 `python -m torch.distributed.run --nproc_per_node=N deepspeed_ep_train.py EP STAGE OPTIMIZER MODEL [offload]`
 OPTIMIZER: `client` (torch AdamW over moe_optimizer_param_groups: what the HF Trainer builds when the
-DeepSpeed config has no "optimizer" section) or `config` (an "optimizer" section: DeepSpeed splits the
-groups itself). MODEL: `tiny` or `moe_mt` (see moe_training_common). Every rank trains the single-process
+DeepSpeed config has no "optimizer" section), `config` (an "optimizer" section: DeepSpeed builds torch
+AdamW and splits the groups itself) or `cpu_adam` (the same with DeepSpeedCPUAdam, for offload). MODEL: `tiny` or `moe_mt` (see moe_training_common). Every rank trains the single-process
 reference on the global batch, then the engine on its shard; after 3 steps losses, gradient norms and
 every (gathered) parameter must match, and expert-DP replicas must hold identical experts.
 """
@@ -29,11 +29,12 @@ STEPS = 3
 
 def main(ep_size: int, stage: int, optimizer: str, kind: str, offload: bool) -> None:
     world = int(os.environ["WORLD_SIZE"])
-    config = deepspeed_config(world, stage, offload=offload, optimizer_section=optimizer == "config")
+    config = deepspeed_config(world, stage, offload=offload, optimizer_section=optimizer != "client",
+                              torch_adam=optimizer != "cpu_adam")
     model = build_model(kind=kind).train()
     groups = prepare_model_for_deepspeed(model, ep_size, config)
     batches = global_batches(world, STEPS)
-    reference = reference_training(batches, world, weight_decay_everywhere=optimizer == "config", kind=kind)
+    reference = reference_training(batches, world, weight_decay_everywhere=optimizer != "client", kind=kind)
 
     if optimizer == "client":
         param_groups = moe_optimizer_param_groups(model, weight_decay=0.1)

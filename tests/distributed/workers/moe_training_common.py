@@ -152,7 +152,10 @@ def is_decayed(name: str) -> bool:
     return not ("bias" in name or "norm" in name)
 
 
-def deepspeed_config(world: int, stage: int, offload: bool = False, optimizer_section: bool = False) -> dict:
+def deepspeed_config(world: int, stage: int, offload: bool = False, optimizer_section: bool = False,
+                     torch_adam: bool = True) -> dict:
+    """`optimizer_section`: DeepSpeed builds AdamW itself: torch's (`torch_adam`), or with offload its
+    DeepSpeedCPUAdam (a one-time ~70 s C++ JIT build on 2 cores)."""
     config = {
         "train_micro_batch_size_per_gpu": MICRO_BATCH,
         "gradient_accumulation_steps": 1,
@@ -163,9 +166,9 @@ def deepspeed_config(world: int, stage: int, offload: bool = False, optimizer_se
     }
     if offload:
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
-        config["zero_force_ds_cpu_optimizer"] = False  # torch AdamW: DeepSpeedCPUAdam needs a C++ JIT build
+        config["zero_force_ds_cpu_optimizer"] = False  # allow torch AdamW (DeepSpeedCPUAdam needs a JIT build)
     if optimizer_section:
-        config["optimizer"] = {"type": "AdamW", "params": {**ADAM, "weight_decay": WEIGHT_DECAY, "torch_adam": True}}
+        config["optimizer"] = {"type": "AdamW", "params": {**ADAM, "weight_decay": WEIGHT_DECAY, "torch_adam": torch_adam}}
     return config
 
 
