@@ -27,7 +27,7 @@ build`, `train_tokenizer(corpus)` / `hf-moe-mt data tokenizer`. Evaluation pairs
 """
 
 from .collator import MultitaskCollator
-from .corpus import CorpusConfig, build_corpus, load_corpus
+from .corpus import QUICKSTART_MAX_PAIRS_PER_LANGUAGE, CorpusConfig, build_corpus, load_corpus
 from .multitask import MultitaskConfig, build_multitask_dataset, build_multitask_stream, build_translation_eval_dataset
 from .noising import NoiseConfig
 from .sampling import temperature_probabilities
@@ -38,6 +38,7 @@ __all__ = [
     "MultitaskCollator",
     "MultitaskConfig",
     "NoiseConfig",
+    "QUICKSTART_MAX_PAIRS_PER_LANGUAGE",
     "build_corpus",
     "build_multitask_dataset",
     "build_multitask_stream",
