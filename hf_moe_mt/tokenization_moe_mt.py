@@ -44,9 +44,8 @@ class MoEMTTokenizer(PreTrainedTokenizerFast):
         if not self.language_codes:
             raise ValueError("this tokenizer has no language tokens (__xx__); train it with `hf-moe-mt data tokenizer`")
         default = "en" if "en" in self.language_codes else self.language_codes[0]
-        self._src_lang = self._check_language(src_lang or default)
-        self.tgt_lang = None if tgt_lang is None else self._check_language(tgt_lang)
-        self.set_src_lang_special_tokens(self._src_lang)
+        self.tgt_lang = tgt_lang
+        self.src_lang = src_lang or default  # validates and sets the `[__src__] … </s>` layout
 
     @classmethod
     def convert_to_native_format(cls, trust_remote_code=False, **kwargs):
@@ -83,6 +82,14 @@ class MoEMTTokenizer(PreTrainedTokenizerFast):
     def src_lang(self, code: str) -> None:
         self._src_lang = self._check_language(code)
         self.set_src_lang_special_tokens(self._src_lang)
+
+    @property
+    def tgt_lang(self) -> str | None:
+        return self._tgt_lang
+
+    @tgt_lang.setter
+    def tgt_lang(self, code: str | None) -> None:
+        self._tgt_lang = None if code is None else self._check_language(code)
 
     # ---- special-token layout ------------------------------------------------------------------------
     def _set_language_prefix(self, code: str) -> None:

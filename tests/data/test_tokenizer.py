@@ -81,6 +81,10 @@ def test_translation_inputs_force_the_target_language(tokenizer):
         tokenizer._build_translation_inputs(["x"], "pt", src_lang="ru", tgt_lang=None)
     with pytest.raises(ValueError, match="unknown language 'xx'; this tokenizer knows ar, de, en"):
         tokenizer._build_translation_inputs(["x"], "pt", src_lang="xx", tgt_lang="en")
+    with pytest.raises(ValueError, match="unknown language 'pt'"):
+        tokenizer.tgt_lang = "pt"
+    with pytest.raises(ValueError, match="unknown language 'pt'"):
+        AutoTokenizer.from_pretrained(tokenizer.name_or_path, src_lang="pt")
 
 
 def test_translation_inputs_drive_generate(tokenizer):
