@@ -91,14 +91,15 @@ def bible_database_path() -> str:
 def select_versions(languages: list[str] | None, public_domain_only: bool) -> dict[str, BibleVersion]:
     """Map each requested language to one version (the first listed above, public-domain first).
 
-    The pivot (English) is always included. Unknown codes raise a ValueError listing the available ones.
+    The pivot (English) is always included; no languages means DEFAULT_LANGUAGES, or every language with a
+    public-domain version when `public_domain_only`. Unknown codes raise a ValueError listing the available ones.
     """
     chosen: dict[str, BibleVersion] = {}
     for version in BIBLE_VERSIONS:
         if version.public_domain or not public_domain_only:
             chosen.setdefault(version.language, version)
     requested = list(DEFAULT_LANGUAGES if languages is None else languages)
-    if requested == ["all"]:
+    if requested == ["all"] or (languages is None and public_domain_only):  # all 9 public-domain languages
         requested = [code for code in chosen if code != PIVOT_LANGUAGE]
     unknown = [code for code in requested if code not in chosen]
     if unknown:

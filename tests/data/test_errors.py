@@ -37,6 +37,10 @@ def test_public_domain_only_restricts_the_languages():
         select_versions(["zh"], public_domain_only=True)
     versions = select_versions(["de", "ru"], public_domain_only=True)
     assert [(code, v.version_id) for code, v in versions.items()] == [("en", "4"), ("de", "e"), ("ru", "r")]
+    everything = select_versions(None, public_domain_only=True)  # no languages: all public-domain ones
+    assert sorted(everything) == ["ar", "de", "en", "es", "fa", "fr", "it", "ru", "tl", "vi"]
+    assert all(version.public_domain for version in everything.values())
+    assert list(select_versions(None, public_domain_only=False)) == ["en", "de", "fr", "es", "it", "ru", "ar", "fa", "zh", "hi", "vi"]
 
 
 def test_unknown_language_in_user_files_lists_present_codes(capsys, tmp_path):
