@@ -18,6 +18,8 @@ Call order (a `Seq2SeqTrainer` subclass or any script; the model is built world-
        read this rank's expert slice next to DeepSpeed's files, resuming at the same ep_size.
     6. Portable model: gather_full_state_dict(model, groups) on every rank (parallel.py), rank 0 saves
        it (HF names, all experts); `load_full_state_dict` does the same offline from a checkpoint.
+       The stock `Trainer.save_model` would write rank 0's expert *slice* to model.safetensors: a
+       Trainer subclass overrides it to gather first (a collective: every rank calls it).
 
 Engine checkpoint layout (`save_dir/tag/`), ZeRO-1/2:
 
@@ -37,8 +39,13 @@ import os
 import re
 from pathlib import Path
 
-import deepspeed
 import torch
+
+try:
+    import deepspeed
+except ImportError as error:  # an optional dependency: say what to do, in one line
+    raise ImportError("DeepSpeed training needs the deepspeed package; pip install deepspeed, or train without "
+                      "a DeepSpeed config") from error
 from deepspeed.moe.layer import MoE
 from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 from deepspeed.runtime.engine import DeepSpeedEngine

@@ -22,8 +22,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from hf_moe_mt.parallel import gather_full_state_dict  # noqa: E402
-from hf_moe_mt.training.deepspeed_ep import (EXPERT_FILE, load_full_state_dict, moe_optimizer_param_groups,  # noqa: E402
-                                             prepare_model_for_deepspeed)
+from hf_moe_mt.training.deepspeed_ep import (EXPERT_FILE, load_full_state_dict,  # noqa: E402
+                                             moe_optimizer_param_groups, prepare_model_for_deepspeed)
 
 TAG = "step2"
 

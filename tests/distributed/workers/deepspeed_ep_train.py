@@ -3,9 +3,10 @@
 `python -m torch.distributed.run --nproc_per_node=N deepspeed_ep_train.py EP STAGE OPTIMIZER MODEL [offload]`
 OPTIMIZER: `client` (torch AdamW over moe_optimizer_param_groups: what the HF Trainer builds when the
 DeepSpeed config has no "optimizer" section), `config` (an "optimizer" section: DeepSpeed builds torch
-AdamW and splits the groups itself) or `cpu_adam` (the same with DeepSpeedCPUAdam, for offload). MODEL: `tiny` or `moe_mt` (see moe_training_common). Every rank trains the single-process
-reference on the global batch, then the engine on its shard; after 3 steps losses, gradient norms and
-every (gathered) parameter must match, and expert-DP replicas must hold identical experts.
+AdamW and splits the groups itself) or `cpu_adam` (the same with DeepSpeedCPUAdam, for offload).
+MODEL: `tiny` or `moe_mt` (see moe_training_common). Every rank trains the single-process reference on
+the global batch, then the engine on its shard; after 3 steps losses, gradient norms and every
+(gathered) parameter must match, and expert-DP replicas must hold identical experts.
 """
 
 import os

@@ -34,8 +34,8 @@ class TinyMoEModel(nn.Module):
     def __init__(self):
         super().__init__()
         self.embed_tokens = nn.Embedding(VOCAB, HIDDEN)
-        self.layers = nn.ModuleList(
-            SparseMoE(HIDDEN, FFN, EXPERTS, top_k=2, drop_tokens=False, use_rts=False, activation="gelu") for _ in range(2))
+        self.layers = nn.ModuleList(SparseMoE(HIDDEN, FFN, EXPERTS, top_k=2, drop_tokens=False, use_rts=False,
+                                              activation="gelu") for _ in range(2))
         self.layer_norm = nn.LayerNorm(HIDDEN)
         self.lm_head = nn.Linear(HIDDEN, VOCAB)
         for layer in self.layers:  # larger experts than the default 0.02 so they matter in 3 steps
@@ -168,7 +168,8 @@ def deepspeed_config(world: int, stage: int, offload: bool = False, optimizer_se
         config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
         config["zero_force_ds_cpu_optimizer"] = False  # allow torch AdamW (DeepSpeedCPUAdam needs a JIT build)
     if optimizer_section:
-        config["optimizer"] = {"type": "AdamW", "params": {**ADAM, "weight_decay": WEIGHT_DECAY, "torch_adam": torch_adam}}
+        params = {**ADAM, "weight_decay": WEIGHT_DECAY, "torch_adam": torch_adam}
+        config["optimizer"] = {"type": "AdamW", "params": params}
     return config
 
 
