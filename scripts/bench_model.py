@@ -1,0 +1,244 @@
+"""Benchmark the whole MoE-MT model against transformers' NLLB-MoE configured to the same sizes.
+
+Two numbers per model, both measured in this one process, interleaved round by round (the model that goes
+first alternates), the table reporting the median over rounds:
+- training: (source + target) tokens per second of a full step — forward with labels (cross-entropy + router
+  losses; NLLB-MoE computes its aux loss only with `output_router_logits=True`, so it gets it), backward,
+  AdamW step, zero_grad;
+- translation: sentences per second of beam-4 `generate`, forced to the same number of new tokens in both
+  models (`min_new_tokens == max_new_tokens`), so a random model stopping early cannot win.
+
+Same sizes on both sides: d_model, layers, heads, vocabulary, one FFN width for dense layers and experts, MoE
+in every `--sparse-step`-th layer, `--experts` experts, top-2 (NLLB-MoE's only mode), dropout 0.1, no
+layerdrop, no expert token dropout; NLLB-MoE's per-expert capacity is set to ours in training
+(ceil(cf·k·T/E)), and both translate without dropping (NLLB: eval token fraction 1.0; ours: dropless).
+Targets (issue 3): training ≥ 3× NLLB-MoE, translation ≥ 2×.
+
+  python scripts/bench_model.py                      # d_model 512, 6+6 layers, 16 experts, top-2 (minutes)
+  python scripts/bench_model.py --quick              # tiny sizes: checks that everything runs (seconds)
+  python scripts/bench_model.py --experts 32 --json bench_model.json
+"""
+
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout needs no install
+
+import hf_moe_mt  # noqa: E402  before torch: its __init__ turns on THP for torch's CPU allocator
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import re  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+
+import torch  # noqa: E402
+from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration  # noqa: E402
+
+from hf_moe_mt.moe import GroupedExperts  # noqa: E402
+
+TARGETS = {"train_tokens_per_s": 3.0, "translate_sentences_per_s": 2.0}
+QUICK = dict(d_model=64, layers=2, heads=4, ffn_dim=128, experts=4, vocab_size=1000, batch_size=4, seq_len=12,
+             train_steps=2, warmup_steps=1, rounds=2, translate_batch_size=2, new_tokens=4)
+
+
+@dataclass
+class Contender:
+    """One model, its optimizer and its measurements; `train_step()` / `translate()` run one timed unit."""
+
+    name: str
+    model: torch.nn.Module
+    extra_forward_kwargs: dict
+    optimizer: torch.optim.Optimizer = field(init=False)
+    results: dict = field(default_factory=lambda: {"train_tokens_per_s": [], "translate_sentences_per_s": []})
+
+    def __post_init__(self):
+        # fused=True: what the Trainer uses by default (`adamw_torch_fused`); one pass over each parameter
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
+
+    def train_step(self, batch: dict) -> None:
+        self.model.train()
+        loss = self.model(**batch, **self.extra_forward_kwargs).loss
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def translate(self, inputs: dict, beams: int, new_tokens: int) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            self.model.generate(**inputs, num_beams=beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = parser.add_argument
+    add("--quick", action="store_true", help=f"tiny default sizes to check that the script runs: {QUICK}")
+    add("--d-model", type=int, default=512)
+    add("--layers", type=int, default=6, help="encoder layers = decoder layers")
+    add("--heads", type=int, default=8)
+    add("--ffn-dim", type=int, default=2048, help="dense FFN and expert width (NLLB-MoE uses one width)")
+    add("--experts", type=int, default=16)
+    add("--top-k", type=int, default=2, help="ours; NLLB-MoE is always top-2")
+    add("--sparse-step", type=int, default=2, help="MoE in every n-th layer of both stacks")
+    add("--capacity-factor", type=float, default=1.0, help="training capacity factor (both models)")
+    add("--vocab-size", type=int, default=32000)
+    add("--batch-size", type=int, default=32, help="training sentences per step")
+    add("--seq-len", type=int, default=32, help="source = target length (tokens)")
+    add("--train-steps", type=int, default=5, help="timed training steps per round")
+    add("--warmup-steps", type=int, default=2)
+    add("--rounds", type=int, default=3)
+    add("--translate-batch-size", type=int, default=16)
+    add("--new-tokens", type=int, default=32)
+    add("--beams", type=int, default=4)
+    add("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    add("--device", default="cpu")
+    add("--seed", type=int, default=0)
+    add("--json", default=None, help="also write the results to this JSON file")
+    if parser.parse_args(argv).quick:  # tiny defaults; flags given explicitly still win
+        parser.set_defaults(**QUICK)
+    return parser.parse_args(argv)
+
+
+def build_models(args) -> list[Contender]:
+    """Ours and NLLB-MoE with the same sizes, routing budget and regularisation."""
+    tokens = args.batch_size * args.seq_len  # per stack and step: source and target have the same length
+    capacity = math.ceil(args.capacity_factor * 2 * tokens / args.experts)
+    common = dict(
+        vocab_size=args.vocab_size, d_model=args.d_model, encoder_layers=args.layers, decoder_layers=args.layers,
+        encoder_attention_heads=args.heads, decoder_attention_heads=args.heads, encoder_ffn_dim=args.ffn_dim,
+        decoder_ffn_dim=args.ffn_dim, num_experts=args.experts, encoder_sparse_step=args.sparse_step,
+        decoder_sparse_step=args.sparse_step, max_position_embeddings=max(256, 2 * args.seq_len + args.new_tokens),
+        dropout=0.1, attention_dropout=0.0, activation_dropout=0.0, router_aux_loss_coef=0.01,
+        router_z_loss_coef=0.001,
+    )
+    torch.manual_seed(args.seed)
+    ours = hf_moe_mt.MoEMTForConditionalGeneration(hf_moe_mt.MoEMTConfig(
+        **common, expert_ffn_dim=args.ffn_dim, num_experts_per_tok=args.top_k, capacity_factor=args.capacity_factor,
+    ))
+    nllb = NllbMoeForConditionalGeneration(NllbMoeConfig(
+        **common, expert_capacity=capacity, encoder_layerdrop=0.0, decoder_layerdrop=0.0, moe_token_dropout=0.0,
+        moe_eval_capacity_token_fraction=1.0,
+    ))
+    return [Contender("ours", ours.to(args.device), {}),
+            Contender("nllb_moe", nllb.to(args.device), {"output_router_logits": True})]
+
+
+def make_inputs(args) -> tuple[dict, dict]:
+    generator = torch.Generator().manual_seed(args.seed)
+    ids = lambda rows: torch.randint(3, args.vocab_size, (rows, args.seq_len), generator=generator)  # noqa: E731
+    train = {"input_ids": ids(args.batch_size), "labels": ids(args.batch_size)}
+    train["attention_mask"] = torch.ones_like(train["input_ids"])
+    translate = {"input_ids": ids(args.translate_batch_size)}
+    translate["attention_mask"] = torch.ones_like(translate["input_ids"])
+    move = lambda batch: {k: v.to(args.device) for k, v in batch.items()}  # noqa: E731
+    return move(train), move(translate)
+
+
+def expert_rows_per_token(contender: Contender, batch: dict) -> float:
+    """Rows the expert FFNs process per token and MoE layer in one eval forward (top-k routing: ≤ k).
+
+    Measured, not assumed: transformers 5.24's NLLB-MoE hands its [T, E] 0/1 dispatch mask to the experts as
+    if it held expert indices, so expert_0 runs every unchosen (token, expert) pair and expert_1 every chosen
+    one — E rows per token on two experts. The table prints this so the speed ratio can be read correctly.
+    """
+    rows, handles, model = [], [], contender.model
+    for name, module in model.named_modules():  # ours: mlp.experts (all experts); NLLB: experts.expert_<e>
+        if isinstance(module, GroupedExperts) or re.search(r"\.experts\.expert_\d+$", name):
+            handles.append(module.register_forward_hook(lambda m, inputs, out: rows.append(inputs[0].shape[0])))
+    config = model.config
+    num_moe_layers = sum((i + 1) % config.encoder_sparse_step == 0 for i in range(config.encoder_layers)) + sum(
+        (i + 1) % config.decoder_sparse_step == 0 for i in range(config.decoder_layers))
+    model.eval()
+    with torch.no_grad():
+        model(**batch, **contender.extra_forward_kwargs)
+    for handle in handles:
+        handle.remove()
+    return sum(rows) / (num_moe_layers * batch["input_ids"].numel())
+
+
+def _timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def run(args) -> dict:
+    """1. build and warm up  2. rounds: each model trains, then translates (first model alternates)  3. medians."""
+    # 1.
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    contenders = build_models(args)
+    train_batch, translate_inputs = make_inputs(args)
+    train_tokens = 2 * args.batch_size * args.seq_len
+    for contender in contenders:
+        for _ in range(args.warmup_steps):
+            contender.train_step(train_batch)
+        contender.translate(translate_inputs, args.beams, 2)
+    # 2.
+    for round_index in range(args.rounds):
+        order = contenders if round_index % 2 == 0 else contenders[::-1]
+        for contender in order:
+            seconds = _timed(lambda: [contender.train_step(train_batch) for _ in range(args.train_steps)], args.device)
+            contender.results["train_tokens_per_s"].append(args.train_steps * train_tokens / seconds)
+        for contender in order:
+            seconds = _timed(lambda: contender.translate(translate_inputs, args.beams, args.new_tokens), args.device)
+            contender.results["translate_sentences_per_s"].append(args.translate_batch_size / seconds)
+        print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
+    # 3.
+    medians = {c.name: {metric: statistics.median(values) for metric, values in c.results.items()}
+               for c in contenders}
+    ratios = {metric: medians["ours"][metric] / medians["nllb_moe"][metric] for metric in TARGETS}
+    parameters = {c.name: sum(p.numel() for p in c.model.parameters()) for c in contenders}
+    rows = {c.name: expert_rows_per_token(c, train_batch) for c in contenders}
+    return {"args": vars(args), "parameters": parameters, "expert_rows_per_token": rows,
+            "per_round": {c.name: c.results for c in contenders},
+            "median": medians, "ratio_ours_over_nllb": ratios, "targets": TARGETS,
+            "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
+
+
+def format_table(report: dict) -> str:
+    args, median, ratio = report["args"], report["median"], report["ratio_ours_over_nllb"]
+    lines = [
+        f"d_model {args['d_model']}, {args['layers']}+{args['layers']} layers, {args['experts']} experts, "
+        f"top-{args['top_k']} (NLLB-MoE top-2), MoE every {args['sparse_step']} layers, ffn {args['ffn_dim']}, "
+        f"vocab {args['vocab_size']}; train batch {args['batch_size']}x{args['seq_len']}+{args['seq_len']}, "
+        f"translate {args['translate_batch_size']} sentences, beam {args['beams']}, {args['new_tokens']} new tokens; "
+        f"{report['torch_threads']} threads, median of {args['rounds']} rounds",
+        f"parameters: ours {report['parameters']['ours'] / 1e6:.1f} M, NLLB-MoE "
+        f"{report['parameters']['nllb_moe'] / 1e6:.1f} M",
+        "",
+        f"| {'metric':<27} | {'ours':>10} | {'NLLB-MoE':>10} | {'ratio':>6} | {'target':>6} |",
+        f"|{'-' * 29}|{'-' * 12}|{'-' * 12}|{'-' * 8}|{'-' * 8}|",
+    ]
+    for metric, target in TARGETS.items():
+        lines.append(f"| {metric:<27} | {median['ours'][metric]:>10.1f} | {median['nllb_moe'][metric]:>10.1f} | "
+                     f"{ratio[metric]:>5.2f}x | {target:>5.1f}x |")
+    rows = report["expert_rows_per_token"]
+    lines.append(f"expert FFN rows per token and MoE layer (eval forward): ours {rows['ours']:.2f}, "
+                 f"NLLB-MoE {rows['nllb_moe']:.2f}")
+    if rows["nllb_moe"] > 2.01:
+        lines.append("  note: NLLB-MoE (transformers 5.24) computes more than its top-2 expert rows: it passes its "
+                     "0/1 dispatch mask to the experts as expert indices (expert_0 runs every unchosen pair)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    report = run(args)
+    print(format_table(report))
+    if args.json:
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(report, f, indent=2)
+        os.replace(tmp, args.json)  # never a half-written file
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""scripts/bench_model.py runs end to end at tiny sizes and writes its JSON report."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_model.py"
+
+
+def test_bench_model_quick_runs_and_writes_json(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_model", SCRIPT)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    report = bench.main(["--quick", "--rounds", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["median"] == report["median"]
+    for metric in bench.TARGETS:
+        assert report["ratio_ours_over_nllb"][metric] > 0
+        assert len(report["per_round"]["ours"][metric]) == 1
+    assert report["parameters"]["ours"] == report["parameters"]["nllb_moe"]  # same sizes on both sides
+    assert report["expert_rows_per_token"]["ours"] == 2.0  # top-2, nothing dropped at eval capacity
