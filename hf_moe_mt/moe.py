@@ -90,7 +90,8 @@ def plan_routing(
     topk_probs, topk_experts = probs.topk(top_k, dim=-1)  # [T, K]
     expert_of_pair = topk_experts.reshape(-1)  # [P]
     # 2. Priorities are a permutation of 0..P-1, so the sort keys below are unique (deterministic order).
-    if random_priority:
+    # Dropless keeps every pair: no random draw, so the RNG stream and the row order do not depend on it.
+    if random_priority and capacity is not None:
         priority = torch.randperm(num_pairs, device=device)
     else:
         pair = torch.arange(num_pairs, device=device)
