@@ -139,10 +139,10 @@ class MoEMTConfig(PreTrainedConfig):
             (self.num_experts % self.expert_parallel_size == 0,
              f"num_experts={self.num_experts} is not divisible by expert_parallel_size={self.expert_parallel_size}; "
              "use an expert_parallel_size that divides num_experts"),
-            (_non_negative_int(self.encoder_sparse_step),
-             f"encoder_sparse_step={self.encoder_sparse_step!r} must be an integer >= 0 (0 = dense, 2 = every other layer)"),
-            (_non_negative_int(self.decoder_sparse_step),
-             f"decoder_sparse_step={self.decoder_sparse_step!r} must be an integer >= 0 (0 = dense, 2 = every other layer)"),
+            (_non_negative_int(self.encoder_sparse_step), f"encoder_sparse_step={self.encoder_sparse_step!r} "
+             "must be an integer >= 0 (0 = dense, 2 = MoE in every other layer)"),
+            (_non_negative_int(self.decoder_sparse_step), f"decoder_sparse_step={self.decoder_sparse_step!r} "
+             "must be an integer >= 0 (0 = dense, 2 = MoE in every other layer)"),
             (self.capacity_factor > 0, f"capacity_factor={self.capacity_factor} must be > 0 (1.0 = paper training)"),
             (self.eval_capacity_factor > 0,
              f"eval_capacity_factor={self.eval_capacity_factor} must be > 0 (2.0 = paper evaluation)"),

@@ -1,6 +1,6 @@
 """The MoE-MT encoder-decoder as a transformers model (single device), in reading order:
-losses → embeddings → attention → dense FFN → sparse FFN (`hf_moe_mt.moe.SparseMoE`) → encoder/decoder layers →
-stacks → `MoEMTModel` → `MoEMTForConditionalGeneration` (loss assembly, dropless `generate`).
+losses → embeddings → attention → dense FFN → sparse FFN (`hf_moe_mt.moe.SparseMoE`) → encoder/decoder
+layers → stacks → `MoEMTModel` → `MoEMTForConditionalGeneration` (loss assembly, dropless `generate`).
 
 Travels as Hub remote code: imports only torch, transformers and flat siblings (`.configuration_moe_mt`, `.moe`,
 `.moe_kernels`); never data/, training/, tools/ or parallel.py. Expert parallelism is applied from outside.
@@ -98,6 +98,11 @@ class MoEMTScaledWordEmbedding(nn.Embedding):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return super().forward(input_ids) * self.embed_scale
+
+
+def build_token_embedding(config: MoEMTConfig) -> MoEMTScaledWordEmbedding:
+    embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
+    return MoEMTScaledWordEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embed_scale)
 
 
 def sinusoidal_table(num_positions: int, embedding_dim: int, offset: int) -> torch.Tensor:
@@ -331,7 +336,8 @@ class MoEMTEncoderLayer(MoEMTLayer):
 
 
 class MoEMTDecoderLayer(MoEMTLayer):
-    """x + CausalSelfAttn(LN(x)), x + CrossAttn(LN(x), encoder), x + FFN(LN(x)). forward → ([B, L, D], RouterInfo|None)."""
+    """x + CausalSelfAttn(LN(x)), x + CrossAttn(LN(x), encoder), x + FFN(LN(x)).
+    forward → ([B, L, D], RouterInfo or None)."""
 
     def __init__(self, config: MoEMTConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -382,6 +388,8 @@ class MoEMTEncoderOutput(BaseModelOutput):
 
 @dataclass
 class MoEMTDecoderOutput(ModelOutput):
+    """Decoder output: states, cache, and per-MoE-layer router info/logits as in `MoEMTEncoderOutput`."""
+
     last_hidden_state: torch.Tensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -443,7 +451,7 @@ class MoEMTPreTrainedModel(PreTrainedModel):
     # The router is computed in fp32 anyway; keeping its weight fp32 under bf16 keeps top-k choices stable.
     _keep_in_fp32_modules_strict = ["mlp.gate"]
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
+    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
         """Refuses reentrant checkpointing: it runs each layer under no_grad, so the router losses carried out
         of the layer in RouterInfo would silently lose their gradients."""
         if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant", False):
@@ -483,10 +491,7 @@ class MoEMTEncoder(MoEMTPreTrainedModel):
 
     def __init__(self, config: MoEMTConfig, embed_tokens: nn.Embedding | None = None):
         super().__init__(config)
-        embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
-        self.embed_tokens = embed_tokens or MoEMTScaledWordEmbedding(
-            config.vocab_size, config.d_model, config.pad_token_id, embed_scale
-        )
+        self.embed_tokens = embed_tokens if embed_tokens is not None else build_token_embedding(config)
         self.embed_positions = build_positional_embedding(config)
         self.layers = nn.ModuleList([MoEMTEncoderLayer(config, i) for i in range(config.encoder_layers)])
         self.layer_norm = nn.LayerNorm(config.d_model)
@@ -508,7 +513,9 @@ class MoEMTEncoder(MoEMTPreTrainedModel):
         hidden_states = inputs_embeds + positions.to(inputs_embeds.dtype)
         hidden_states = F.dropout(hidden_states, p=self.config.dropout, training=self.training)
         # 2.
-        attn_mask = create_bidirectional_mask(config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+        attn_mask = create_bidirectional_mask(
+            config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
+        )
         # 3.
         router_info = []
         for layer in self.layers:
@@ -516,7 +523,8 @@ class MoEMTEncoder(MoEMTPreTrainedModel):
             if info is not None:
                 router_info.append(info)
         # 4.
-        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
         return MoEMTEncoderOutput(
             last_hidden_state=self.layer_norm(hidden_states), **_router_outputs(router_info, output_router_logits)
         )
@@ -526,8 +534,8 @@ class MoEMTDecoder(MoEMTPreTrainedModel):
     """Causal pre-LN decoder with cross-attention; forward(input_ids [B, L], encoder_hidden_states [B, S, D])
     → MoEMTDecoderOutput(last_hidden_state [B, L, D], cache, ...).
 
-    Its MoE layers treat positions where `attention_mask` (the decoder mask) is 0 as padding; without a mask every
-    position is a real token (generation).
+    Its MoE layers treat positions where `attention_mask` (the decoder mask) is 0 as padding; without a mask
+    every position is a real token (generation).
     """
 
     _can_record_outputs = {
@@ -538,10 +546,7 @@ class MoEMTDecoder(MoEMTPreTrainedModel):
 
     def __init__(self, config: MoEMTConfig, embed_tokens: nn.Embedding | None = None):
         super().__init__(config)
-        embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
-        self.embed_tokens = embed_tokens or MoEMTScaledWordEmbedding(
-            config.vocab_size, config.d_model, config.pad_token_id, embed_scale
-        )
+        self.embed_tokens = embed_tokens if embed_tokens is not None else build_token_embedding(config)
         self.embed_positions = build_positional_embedding(config)
         self.layers = nn.ModuleList([MoEMTDecoderLayer(config, i) for i in range(config.decoder_layers)])
         self.layer_norm = nn.LayerNorm(config.d_model)
@@ -599,7 +604,8 @@ class MoEMTDecoder(MoEMTPreTrainedModel):
             if info is not None:
                 router_info.append(info)
         # 4.
-        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
         return MoEMTDecoderOutput(
             last_hidden_state=self.layer_norm(hidden_states), cache=cache,
             **_router_outputs(router_info, output_router_logits),
@@ -630,8 +636,7 @@ class MoEMTModel(MoEMTPreTrainedModel):
 
     def __init__(self, config: MoEMTConfig):
         super().__init__(config)
-        embed_scale = math.sqrt(config.d_model) if config.scale_embedding else 1.0
-        self.shared = MoEMTScaledWordEmbedding(config.vocab_size, config.d_model, config.pad_token_id, embed_scale)
+        self.shared = build_token_embedding(config)  # one table for encoder, decoder (and the LM head if tied)
         self.encoder = MoEMTEncoder(config, self.shared)
         self.decoder = MoEMTDecoder(config, self.shared)
         self.post_init()
@@ -661,7 +666,8 @@ class MoEMTModel(MoEMTPreTrainedModel):
         **kwargs,
     ) -> MoEMTModelOutput:
         """1. encoder (skipped when `encoder_outputs` are given, as in generation)  2. decoder  3. router losses."""
-        output_router_logits = self.config.output_router_logits if output_router_logits is None else output_router_logits
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
         # 1.
         if encoder_outputs is None:
             encoder_outputs = self.encoder(
@@ -767,8 +773,8 @@ class MoEMTForConditionalGeneration(MoEMTPreTrainedModel, GenerationMixin):
                 router_loss = (self.config.router_aux_loss_coef * outputs.aux_loss
                                + self.config.router_z_loss_coef * outputs.z_loss)
                 loss = loss + router_loss_weight(labels, num_items_in_batch) * router_loss.to(loss.device)
-        return MoEMTSeq2SeqLMOutput(loss=loss, logits=logits, **{k: v for k, v in outputs.items()
-                                                                if k != "last_hidden_state"})
+        model_fields = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
+        return MoEMTSeq2SeqLMOutput(loss=loss, logits=logits, **model_fields)
 
     def generate(self, *args, **kwargs):
         """`GenerationMixin.generate`, with every MoE layer dropless when `config.router_dropless_generation`."""

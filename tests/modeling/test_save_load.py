@@ -101,7 +101,8 @@ def test_remote_code_loads_without_the_package(tmp_path, tiny_model):
         expected = tiny_model(**batch).logits
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     # Same thread count as here: a different GEMM split can change the last bit of a sum.
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS=str(torch.get_num_threads()))
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"),
+               OMP_NUM_THREADS=str(torch.get_num_threads()))
     run = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(model_dir), str(inputs_file), str(logits_file)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,

@@ -87,7 +87,8 @@ def _reversal_pairs(num_pairs: int = 32, vocab_size: int = 40):
     dictionary = torch.randperm(vocab_size - 3, generator=generator) + 3
     sources, targets = [], []
     for _ in range(num_pairs):
-        words = torch.randint(3, vocab_size, (int(torch.randint(4, 9, (1,), generator=generator)),), generator=generator)
+        length = int(torch.randint(4, 9, (1,), generator=generator))
+        words = torch.randint(3, vocab_size, (length,), generator=generator)
         sources.append(words.tolist() + [2])
         targets.append(dictionary[words - 3].flip(0).tolist() + [2])
     return sources, targets
