@@ -35,6 +35,7 @@ class MoEMTConfig(PreTrainedConfig):
     - `expert_parallel_size`: only validated here (`num_experts % expert_parallel_size == 0`); the model is
       always built with all experts, parallelism is applied from outside.
     - `position_embedding_type`: "sinusoidal" (M2M100's table, no parameters) or "learned".
+    - `activation_dropout` applies inside dense FFNs only; the experts of `hf_moe_mt.moe.SparseMoE` have none.
     """
 
     model_type = "moe_mt"
