@@ -19,11 +19,14 @@ from .modeling_moe_mt import (  # noqa: E402
     dropless_routing,
 )
 from .moe import RouterInfo, SparseMoE  # noqa: E402
+from .pipeline_moe_mt import MoEMTTranslationPipeline, register_translation_pipeline  # noqa: E402
 from .tokenization_moe_mt import MoEMTTokenizer  # noqa: E402
 
 AutoConfig.register(MoEMTConfig.model_type, MoEMTConfig, exist_ok=True)
 AutoModel.register(MoEMTConfig, MoEMTModel, exist_ok=True)
 AutoModelForSeq2SeqLM.register(MoEMTConfig, MoEMTForConditionalGeneration, exist_ok=True)
+# transformers 5 removed pipeline("translation"); bring it back for seq2seq translation models.
+register_translation_pipeline()
 AutoTokenizer.register(MoEMTConfig, tokenizer_class=MoEMTTokenizer, exist_ok=True)
 
 __version__ = "0.1.0"
@@ -32,6 +35,7 @@ __all__ = [
     "MoEMTForConditionalGeneration",
     "MoEMTModel",
     "MoEMTPreTrainedModel",
+    "MoEMTTranslationPipeline",
     "MoEMTTokenizer",
     "RouterInfo",
     "SparseMoE",

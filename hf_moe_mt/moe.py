@@ -53,9 +53,10 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     """Per-expert capacity `max(ceil(cf·K·T/E), min_capacity)` (DeepSpeed's definition, T = real tokens).
 
     Exact decimal arithmetic: in floats 1.1·100/10 = 11.000000000000002, which `ceil` turns into 12.
+    Integer ceil-division keeps it traceable when torch.compile makes `num_tokens` symbolic.
     """
-    exact = Fraction(repr(float(capacity_factor))) * top_k * num_tokens / num_experts
-    return max(math.ceil(exact), min_capacity)
+    numerator, denominator = Fraction(repr(float(capacity_factor))).as_integer_ratio()
+    return max(-(-(numerator * top_k * num_tokens) // (denominator * num_experts)), min_capacity)
 
 
 def load_balancing_loss(probs: torch.Tensor, first_choice: torch.Tensor) -> torch.Tensor:

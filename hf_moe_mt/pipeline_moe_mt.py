@@ -1,0 +1,77 @@
+"""`pipeline("translation", src_lang=…, tgt_lang=…)` for seq2seq translation models.
+
+transformers 5 removed the translation task (it raises "The task translation has been removed"). This
+flat module brings it back for models whose tokenizer implements `_build_translation_inputs` (ours, NLLB,
+M2M100): `import hf_moe_mt` registers it, and exported folders carry it as Hub custom-pipeline code so
+`pipeline("translation", model=PATH, trust_remote_code=True)` works without the package. Imports only
+transformers and torch (it travels as remote code).
+"""
+
+from __future__ import annotations
+
+from transformers import Pipeline
+
+
+class MoEMTTranslationPipeline(Pipeline):
+    """text or list of texts → [{"translation_text": str}] per input (one dict per returned sequence).
+
+    Call-time or construction-time kwargs: `src_lang`, `tgt_lang` (language codes the tokenizer knows),
+    `truncation`, and any `generate` kwarg (`num_beams`, `max_new_tokens`, `num_return_sequences`, …).
+    """
+
+    _load_processor = False
+    _load_image_processor = False
+    _load_feature_extractor = False
+    _load_tokenizer = True
+
+    def _sanitize_parameters(self, src_lang=None, tgt_lang=None, truncation=None,
+                             clean_up_tokenization_spaces=None, **generate_kwargs):
+        preprocess = {key: value for key, value in
+                      (("src_lang", src_lang), ("tgt_lang", tgt_lang), ("truncation", truncation)) if value is not None}
+        postprocess = {} if clean_up_tokenization_spaces is None else {
+            "clean_up_tokenization_spaces": clean_up_tokenization_spaces}
+        return preprocess, generate_kwargs, postprocess
+
+    def __call__(self, inputs, **kwargs):
+        """A list of strings gives one result per string (the dict itself when one sequence is returned)."""
+        results = super().__call__(inputs, **kwargs)
+        if isinstance(inputs, list) and all(len(result) == 1 for result in results):
+            return [result[0] for result in results]
+        return results
+
+    def preprocess(self, text, src_lang=None, tgt_lang=None, truncation=True):
+        if not hasattr(self.tokenizer, "_build_translation_inputs"):
+            raise ValueError(f"{type(self.tokenizer).__name__} cannot build translation inputs; use a tokenizer "
+                             "with language tokens (MoEMTTokenizer, NLLB, M2M100)")
+        inputs = self.tokenizer._build_translation_inputs(
+            text, return_tensors="pt", src_lang=src_lang, tgt_lang=tgt_lang, truncation=truncation)
+        forced = inputs.pop("forced_bos_token_id")
+        model_inputs = dict(inputs)
+        # One target language per call; kept as a [1] tensor so the batch collator can stack it.
+        model_inputs["forced_bos_token_id"] = inputs["input_ids"].new_full((1,), int(forced))
+        return model_inputs
+
+    def _forward(self, model_inputs, **generate_kwargs):
+        forced = model_inputs.pop("forced_bos_token_id")
+        batch_size = model_inputs["input_ids"].shape[0]
+        generate_kwargs.setdefault("forced_bos_token_id", int(forced.reshape(-1)[0]))
+        output_ids = self.model.generate(**model_inputs, **generate_kwargs)  # [B·R, L]
+        return {"output_ids": output_ids.reshape(batch_size, -1, output_ids.shape[-1])}
+
+    def postprocess(self, model_outputs, clean_up_tokenization_spaces=False):
+        return [
+            {"translation_text": self.tokenizer.decode(ids, skip_special_tokens=True,
+                                                       clean_up_tokenization_spaces=clean_up_tokenization_spaces)}
+            for ids in model_outputs["output_ids"][0]
+        ]
+
+
+def register_translation_pipeline() -> None:
+    """Make `pipeline("translation")` resolve to MoEMTTranslationPipeline for seq2seq models."""
+    from transformers import AutoModelForSeq2SeqLM
+    from transformers.pipelines import PIPELINE_REGISTRY, REMOVED_TASKS
+
+    REMOVED_TASKS.pop("translation", None)
+    if PIPELINE_REGISTRY.supported_tasks.get("translation", {}).get("impl") is not MoEMTTranslationPipeline:
+        PIPELINE_REGISTRY.register_pipeline("translation", pipeline_class=MoEMTTranslationPipeline,
+                                            pt_model=AutoModelForSeq2SeqLM, type="text")

@@ -1,0 +1,3 @@
+"""placeholder replaced below"""
+def add_quickstart_parser(subparsers):
+    pass

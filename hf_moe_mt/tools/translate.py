@@ -1,0 +1,36 @@
+"""Translation and BLEU through the stock transformers pipeline (what users of the exported model run)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import sacrebleu
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+
+
+def load_translator(model_dir: str | os.PathLike, src_lang: str, tgt_lang: str, device: str | None = None,
+                    batch_size: int = 16):
+    """`pipeline("translation")` over an exported folder (or any save_pretrained folder with a tokenizer)."""
+    path = Path(model_dir)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a model folder (no config.json); export one with `hf-moe-mt export`")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    for code in (src_lang, tgt_lang):
+        if code not in tokenizer.language_codes:
+            raise ValueError(f"language {code!r} is not known to this model; available: "
+                             f"{', '.join(tokenizer.language_codes)}")
+    model = AutoModelForSeq2SeqLM.from_pretrained(path)
+    return pipeline("translation", model=model, tokenizer=tokenizer, src_lang=src_lang, tgt_lang=tgt_lang,
+                    device=device, batch_size=batch_size)
+
+
+def translate(translator, texts: list[str], num_beams: int = 4, max_new_tokens: int = 256) -> list[str]:
+    outputs = translator(list(texts), num_beams=num_beams, max_new_tokens=max_new_tokens)
+    return [item["translation_text"] for item in outputs]
+
+
+def corpus_bleu(hypotheses: list[str], references: list[str]) -> sacrebleu.metrics.bleu.BLEUScore:
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references; they must align line by line")
+    return sacrebleu.corpus_bleu(hypotheses, [references])

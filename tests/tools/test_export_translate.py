@@ -1,0 +1,89 @@
+"""Export: a training output becomes a self-contained folder that the stock API loads and translates with."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForSeq2SeqLM
+
+from hf_moe_mt.cli import main as cli_main
+from hf_moe_mt.tools.export import export_model, parameter_counts
+from hf_moe_mt.tools.translate import corpus_bleu, load_translator, translate
+
+REMOTE_CODE_FILES = ("configuration_moe_mt.py", "modeling_moe_mt.py", "moe.py", "moe_kernels.py", "pipeline_moe_mt.py",
+                     "tokenization_moe_mt.py")
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    output = tmp_path_factory.mktemp("export") / "model"
+    result = export_model(run_dir / "model", output, run_dir / "tokenizer", metrics={"bleu_de_en": 1.5})
+    return result
+
+
+def test_export_writes_weights_code_tokenizer_generation_config_and_card(exported):
+    folder = exported.output_dir
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "generation_config.json", "README.md",
+                 *REMOTE_CODE_FILES):
+        assert (folder / name).is_file(), name
+    config = json.loads((folder / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForSeq2SeqLM"] == "modeling_moe_mt.MoEMTForConditionalGeneration"
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["num_beams"] == 4 and generation["decoder_start_token_id"] == config["eos_token_id"]
+    card = (folder / "README.md").read_text()
+    assert "pipeline_tag: translation" in card and "bleu_de_en | 1.5" in card
+    assert f"{exported.num_parameters:,}" in card and "- de" in card
+    assert not list(folder.parent.glob(".model.*")), "staging directory left behind"
+
+
+def test_exported_model_has_identical_weights_and_logits(run_dir, exported):
+    source = AutoModelForSeq2SeqLM.from_pretrained(run_dir / "model").eval()
+    reloaded = AutoModelForSeq2SeqLM.from_pretrained(exported.output_dir).eval()
+    ids = torch.tensor([[5, 17, 30, 2]])
+    with torch.no_grad():
+        assert torch.equal(source(input_ids=ids, decoder_input_ids=ids).logits,
+                           reloaded(input_ids=ids, decoder_input_ids=ids).logits)
+
+
+def test_parameter_counts_count_k_over_e_of_the_experts(run_dir):
+    model = AutoModelForSeq2SeqLM.from_pretrained(run_dir / "model")
+    total, activated = parameter_counts(model)
+    expert = sum(p.numel() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    assert total == sum(p.numel() for p in model.parameters())
+    assert activated == total - expert + expert // 4  # top-1 of 4 experts
+
+
+def test_translation_pipeline_on_exported_folder_returns_one_string_per_line(exported):
+    translator = load_translator(exported.output_dir, "de", "en", batch_size=2)
+    hypotheses = translate(translator, ["Guten Morgen.", "Das Haus ist alt und groß."], num_beams=2,
+                           max_new_tokens=8)
+    assert len(hypotheses) == 2 and all(isinstance(h, str) for h in hypotheses)
+    assert corpus_bleu(["the house is old"], ["the house is old"]).score == pytest.approx(100.0)
+
+
+def test_translate_rejects_unknown_language_with_the_available_ones(exported):
+    with pytest.raises(ValueError, match="available: .*de"):
+        load_translator(exported.output_dir, "xx", "en")
+
+
+def test_export_refuses_to_overwrite_and_names_the_flag(run_dir, exported):
+    with pytest.raises(ValueError, match="--overwrite"):
+        export_model(run_dir / "model", exported.output_dir, run_dir / "tokenizer")
+
+
+def test_export_cli_reports_missing_tokenizer_in_one_line(run_dir, tmp_path, capsys):
+    code = cli_main(["export", "--checkpoint", str(run_dir / "model"), "--output", str(tmp_path / "out")])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2 and error.startswith("hf-moe-mt export: error: no tokenizer.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_translate_cli_prints_translations_and_bleu(exported, tmp_path, capsys):
+    source = tmp_path / "src.de"
+    source.write_text("Guten Morgen.\nDanke.\n")
+    code = cli_main(["translate", "--model", str(exported.output_dir), "--src", "de", "--tgt", "en",
+                     "--input", str(source), "--references", str(source), "--num-beams", "1",
+                     "--max-new-tokens", "6"])
+    captured = capsys.readouterr()
+    assert code == 0 and len(captured.out.strip().splitlines()) == 2
+    assert captured.err.strip().splitlines()[-1].startswith("BLEU = ")
