@@ -87,3 +87,27 @@ def test_translate_cli_prints_translations_and_bleu(exported, tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0 and len(captured.out.strip().splitlines()) == 2
     assert captured.err.strip().splitlines()[-1].startswith("BLEU = ")
+
+
+REMOTE_PIPELINE_SCRIPT = """
+import sys
+sys.modules["hf_moe_mt"] = None  # the package may be pip-installed (CI): make any import of it fail
+from transformers import pipeline
+translator = pipeline("translation", model=sys.argv[1], trust_remote_code=True, src_lang="de", tgt_lang="en")
+assert type(translator).__module__.startswith("transformers_modules"), type(translator).__module__
+print(translator(["Guten Morgen.", "Danke."], num_beams=1, max_new_tokens=6)[1]["translation_text"])
+"""
+
+
+def test_exported_folder_translates_through_remote_code_without_the_package(exported, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+           "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    run = subprocess.run([sys.executable, "-c", REMOTE_PIPELINE_SCRIPT, str(exported.output_dir)], cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    local = translate(load_translator(exported.output_dir, "de", "en"), ["Danke."], num_beams=1, max_new_tokens=6)
+    assert run.stdout.strip().splitlines()[-1] == local[0].strip()
