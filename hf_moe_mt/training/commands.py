@@ -1,0 +1,46 @@
+"""`hf-moe-mt train --config CONFIG.yaml [--resume [CHECKPOINT]] [section.key=value ...]`: argparse over
+config.load_train_config and run.run_training. Errors are ValueError/FileNotFoundError, printed as one line
+by cli.py (on every rank: each process checks the same things at startup)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_train_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a MoE translation model (single process, accelerate launch, torchrun or deepspeed)",
+        description="Train with MoESeq2SeqTrainer from a YAML config (sections data, model, training, evaluation; "
+        "see configs/). Multi-process: accelerate launch --config_file scripts/accelerate/<cfg>.yaml -m "
+        "hf_moe_mt.cli train ...",
+    )
+    parser.add_argument("--config", required=True, help="YAML file (e.g. configs/tiny.yaml)")
+    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                        help="continue from the last complete checkpoint of training.output_dir, or from CHECKPOINT")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="override config entries, e.g. training.max_steps=50 model.config.num_experts=8")
+    parser.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .config import load_train_config
+    from .run import run_training
+
+    config = load_train_config(args.config, args.overrides)
+    summary = run_training(config, resume=args.resume)
+    if _is_main_process():
+        print(json.dumps(summary, default=str))
+    return 0
+
+
+def _is_main_process() -> bool:
+    import torch.distributed as dist
+
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def register(subparsers) -> None:
+    """Called by hf_moe_mt/cli.py."""
+    add_train_parser(subparsers)
