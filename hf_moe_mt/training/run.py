@@ -13,6 +13,7 @@ main process first and loaded by the others. Outputs under `training.output_dir`
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import importlib.util
 import json
@@ -91,9 +92,12 @@ def resolve_resume(config: TrainConfig, resume: str | bool | None, ep_size: int)
 
 
 def check_launch(config: TrainConfig, resume: str | bool | None) -> tuple[int, str | None]:
-    """Every one-line error that needs no model or data, before anything heavy: model config (num_experts % ep),
-    world % ep, DeepSpeed (installed, file, ZeRO-3 / ZeRO-0 with EP), the resume checkpoint.
+    """Every one-line error that needs no model or data, before anything heavy: label_smoothing_factor, model
+    config (num_experts % ep), world % ep, DeepSpeed (installed, file, ZeRO-3 / ZeRO-0 with EP), the resume checkpoint.
     Returns (ep_size, checkpoint to resume from)."""
+    from .trainer import check_label_smoothing
+
+    check_label_smoothing(argparse.Namespace(label_smoothing_factor=config.training.get("label_smoothing_factor", 0)))
     ep_size = model_config_of(config).expert_parallel_size
     world = world_size_from_env()
     if world % ep_size:

@@ -1,11 +1,11 @@
-"""Worker: the HF Seq2SeqTrainer trains our expert-parallel model under DeepSpeed ZeRO-2 with a DeepSpeed
-config WITHOUT an "optimizer" section (the Trainer builds the optimizer), and resumes exactly.
+"""Worker: MoESeq2SeqTrainer trains our expert-parallel model under DeepSpeed ZeRO-2 with a DeepSpeed config
+WITHOUT an "optimizer" section (the Trainer builds the optimizer), and resumes exactly.
 
 `python -m torch.distributed.run --nproc_per_node=2 trainer_deepspeed_ep.py OUTPUT_DIR`
-The only Trainer change is `create_optimizer` using `moe_optimizer_param_groups`: without it DeepSpeed
-refuses the optimizer ("None of the param groups are marked as MoE"). Run A: 4 steps, checkpoints at 2
-and 4. Run B: a fresh process state (new model, prepare, Trainer) resumes from checkpoint-2: the losses
-of steps 3-4 and every parameter equal run A's.
+The trainer prepares the model for DeepSpeed itself (expert_parallel_size=2) and builds MoE optimizer groups:
+without them DeepSpeed refuses the optimizer ("None of the param groups are marked as MoE"). Run A: 4 steps,
+checkpoints at 2 and 4. Run B: a fresh process state (new model, Trainer) resumes from checkpoint-2: the
+losses of steps 3-4 and every parameter equal run A's. `save_model` writes the full model (every expert).
 """
 
 import os
@@ -17,24 +17,14 @@ skip_deepspeed_shm_build()
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import Seq2SeqTrainingArguments  # noqa: E402
 
 from hf_moe_mt.parallel import gather_full_state_dict  # noqa: E402
-from hf_moe_mt.training.deepspeed_ep import moe_optimizer_param_groups, prepare_model_for_deepspeed  # noqa: E402
+from hf_moe_mt.training.trainer import MoESeq2SeqTrainer  # noqa: E402
 
 DEEPSPEED = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
              "train_batch_size": "auto", "gradient_clipping": "auto", "zero_optimization": {"stage": 2}}
-
-
-class MoETrainer(Seq2SeqTrainer):
-    def create_optimizer(self, model=None):
-        if self.optimizer is None:
-            model = self.model
-            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-            param_groups = moe_optimizer_param_groups(model, self.args.weight_decay,
-                                                      self.get_decay_parameter_names(model))
-            self.optimizer = optimizer_cls(param_groups, **kwargs)
-        return self.optimizer
 
 
 class RandomPairs(torch.utils.data.Dataset):
@@ -50,15 +40,19 @@ class RandomPairs(torch.utils.data.Dataset):
 
 def train(output_dir: str, resume_from: str | None):
     model = build_model(kind="moe_mt")
-    groups = prepare_model_for_deepspeed(model, 2, DEEPSPEED)
     args = Seq2SeqTrainingArguments(output_dir=output_dir, per_device_train_batch_size=MICRO_BATCH, max_steps=4,
                                     learning_rate=1e-3, weight_decay=0.1, max_grad_norm=0.3, save_steps=2,
                                     logging_steps=1, report_to=[], use_cpu=True, seed=0, deepspeed=DEEPSPEED)
-    trainer = MoETrainer(model=model, args=args, train_dataset=RandomPairs())
+    trainer = MoESeq2SeqTrainer(model=model, args=args, train_dataset=RandomPairs(), expert_parallel_size=2)
     trainer.train(resume_from_checkpoint=resume_from)
-    assert any(group.get("moe") for group in trainer.optimizer.param_groups)
+    assert trainer.is_deepspeed_enabled and any(group.get("moe") for group in trainer.optimizer.param_groups)
     losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
-    return losses, gather_full_state_dict(model, groups)
+    state = gather_full_state_dict(model, trainer.expert_parallel_groups)
+    trainer.save_model(os.path.join(output_dir, "model"))
+    saved = load_file(os.path.join(output_dir, "model", "model.safetensors"))
+    assert all(torch.equal(saved[name], state[name]) for name in saved), "save_model wrote another model"
+    assert saved["model.encoder.layers.1.mlp.experts.up_proj"].shape[0] == 4  # every expert, not rank 0's 2
+    return losses, state
 
 
 def main(output_dir: str) -> None:
