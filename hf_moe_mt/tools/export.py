@@ -94,7 +94,10 @@ def export_model(
     if len(tok) > model.config.vocab_size:
         raise ValueError(f"tokenizer has {len(tok)} tokens but the model's vocab_size is {model.config.vocab_size}; "
                          "export the tokenizer the model was trained with")
-    model.generation_config = default_generation_config(model.config, num_beams=num_beams)
+    # Inputs longer than the position table cannot be encoded: the exported tokenizer truncates to it.
+    tok.model_max_length = min(tok.model_max_length, model.config.max_position_embeddings)
+    model.generation_config = default_generation_config(
+        model.config, num_beams=num_beams, max_new_tokens=min(256, model.config.max_position_embeddings - 1))
     total, activated = parameter_counts(model)
     # 3.
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,8 @@ def load_translator(model_dir: str | os.PathLike, src_lang: str, tgt_lang: str, 
 
 
 def translate(translator, texts: list[str], num_beams: int = 4, max_new_tokens: int = 256) -> list[str]:
+    # The decoder cannot go past its position table (its first position holds the start token).
+    max_new_tokens = min(max_new_tokens, translator.model.config.max_position_embeddings - 1)
     outputs = translator(list(texts), num_beams=num_beams, max_new_tokens=max_new_tokens)
     return [item["translation_text"] for item in outputs]
 
