@@ -143,7 +143,8 @@ def load_checkpoint_state_dict(checkpoint_dir: str) -> dict[str, torch.Tensor]:
     else:
         index = os.path.join(checkpoint_dir, SAFE_WEIGHTS_INDEX_NAME)
         with open(index, encoding="utf-8") as handle:
-            files = [os.path.join(checkpoint_dir, name) for name in sorted(set(json.load(handle)["weight_map"].values()))]
+            shards = sorted(set(json.load(handle)["weight_map"].values()))
+        files = [os.path.join(checkpoint_dir, name) for name in shards]
     state = {}
     for path in files:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -217,5 +218,5 @@ def check_checkpoint_complete(checkpoint_dir: str, world_size: int, ep_size: int
                if not os.path.isfile(os.path.join(checkpoint_dir, f))]
     if missing:
         shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
-        raise FileNotFoundError(f"checkpoint {checkpoint_dir} is incomplete for {world_size} process(es) "
-                                f"(missing {shown}); resume with the launch it was saved by, or from another checkpoint")
+        raise FileNotFoundError(f"checkpoint {checkpoint_dir} is incomplete for {world_size} process(es) (missing "
+                                f"{shown}); resume with the launch it was saved by, or from another checkpoint")

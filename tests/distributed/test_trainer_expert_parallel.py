@@ -22,7 +22,8 @@ pytestmark = pytest.mark.distributed
 
 STEPS = 4
 EQUIVALENT = [f"training.max_steps={STEPS}", "training.save_steps=2", "training.logging_steps=1",
-              "training.eval_strategy=no", "evaluation.bleu_steps=0", "evaluation.plots=false", "training.report_to=none",
+              "training.eval_strategy=no", "evaluation.bleu_steps=0", "evaluation.plots=false",
+              "training.report_to=none",
               "model.config.router_drop_tokens=false", "model.config.router_use_rts=false", "model.config.dropout=0.0",
               "training.learning_rate=1e-3", "training.adam_epsilon=1e-6", "training.max_grad_norm=0.3"]
 EP2 = ["model.config.expert_parallel_size=2"]

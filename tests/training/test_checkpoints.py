@@ -104,8 +104,8 @@ def test_completeness_of_a_deepspeed_expert_parallel_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"missing latest\)"):
         check_checkpoint_complete(str(tmp_path), world_size=2, ep_size=2, deepspeed=True)
     (tmp_path / "latest").write_text("global_step4")
-    _touch(tmp_path, "global_step4/mp_rank_00_model_states.pt", "global_step4/zero_pp_rank_0_mp_rank_00_optim_states.pt",
-           "global_step4/zero_pp_rank_1_mp_rank_00_optim_states.pt", "global_step4/experts_ep_02_rank_00.safetensors")
+    _touch(tmp_path / "global_step4", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+           "zero_pp_rank_1_mp_rank_00_optim_states.pt", "experts_ep_02_rank_00.safetensors")
     with pytest.raises(FileNotFoundError, match=r"missing global_step4/experts_ep_02_rank_01.safetensors\)"):
         check_checkpoint_complete(str(tmp_path), world_size=2, ep_size=2, deepspeed=True)
     with pytest.raises(ValueError, match=r"saved with expert_parallel_size=2, this run uses 1"):

@@ -67,14 +67,16 @@ def test_zero3_with_expert_parallelism_is_refused(fixture_data, tmp_path, capsys
     config = tmp_path / "zero3.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": "auto"}))
     monkeypatch.setenv("WORLD_SIZE", "2")  # what the launcher would set; the check runs before any process group
-    argv = train_argv(fixture_data, tmp_path / "run", "model.config.expert_parallel_size=2", f"training.deepspeed={config}")
+    argv = train_argv(fixture_data, tmp_path / "run", "model.config.expert_parallel_size=2",
+                      f"training.deepspeed={config}")
     assert main(argv) == 2
     assert "ZeRO stage 3 cannot shard expert-parallel experts" in _error_line(capsys)
 
 
 def test_deepspeed_config_without_deepspeed_installed_is_refused(fixture_data, tmp_path, capsys, monkeypatch):
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *rest: None if name == "deepspeed" else find_spec(name, *rest))
     config = tmp_path / "zero2.json"
     config.write_text(json.dumps({"zero_optimization": {"stage": 2}}))
     assert main(train_argv(fixture_data, tmp_path / "run", f"training.deepspeed={config}")) == 2
@@ -110,7 +112,8 @@ def test_resume_at_another_expert_parallel_size_is_refused(checkpointed_run, fix
     shutil.copytree(checkpointed_run / "checkpoint-2", checkpoint)
     (checkpoint / "optimizer_ep_02_rank_00.safetensors").write_bytes(b"")  # as an EP=2 DDP run writes them
     assert main(train_argv(fixture_data, tmp_path / "run", resume=str(checkpoint))) == 2
-    assert "saved with expert_parallel_size=2, this run uses 1; resume with expert_parallel_size=2" in _error_line(capsys)
+    message = "saved with expert_parallel_size=2, this run uses 1; resume with expert_parallel_size=2"
+    assert message in _error_line(capsys)
 
 
 def test_shipped_tiny_config_parses():
@@ -118,5 +121,5 @@ def test_shipped_tiny_config_parses():
     from hf_moe_mt.training.run import model_config_of
 
     config = load_train_config(TINY_CONFIG)
-    assert config.training["learning_rate"] == 3e-3 and config.training["eval_strategy"] == "steps"
+    assert config.training["learning_rate"] == 2e-3 and config.training["eval_strategy"] == "steps"
     assert model_config_of(config).num_experts == 8

@@ -30,7 +30,8 @@ def test_sigkill_mid_checkpoint_then_resume_reproduces_the_uninterrupted_run(fix
     check_ok(run_cli(train_argv(fixture_data, tmp_path / "b", *RUN, resume="last")))
     assert not [n for n in os.listdir(tmp_path / "b") if n.startswith(".tmp-")]
     # 4. same loss curve, same weights
-    uninterrupted, interrupted = training_logs(tmp_path / "a" / "checkpoint-12"), training_logs(tmp_path / "b" / "checkpoint-12")
+    uninterrupted = training_logs(tmp_path / "a" / "checkpoint-12")
+    interrupted = training_logs(tmp_path / "b" / "checkpoint-12")
     assert sorted(uninterrupted) == list(range(1, 13))
     assert [interrupted[s]["loss"] for s in range(1, 13)] == [uninterrupted[s]["loss"] for s in range(1, 13)]
     assert [interrupted[s]["grad_norm"] for s in range(5, 13)] == [uninterrupted[s]["grad_norm"] for s in range(5, 13)]

@@ -38,8 +38,8 @@ def test_logged_router_metrics_match_a_known_routing(tmp_path):
     generator = torch.Generator().manual_seed(0)
     rows = {"input_ids": torch.randint(3, 96, (8, SRC_LEN), generator=generator).tolist(),
             "labels": torch.randint(3, 96, (8, TGT_LEN), generator=generator).tolist()}
-    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), max_steps=4, logging_steps=2, per_device_train_batch_size=BATCH,
-                                    learning_rate=1e-3, report_to=[], save_strategy="no", use_cpu=True, seed=0)
+    args = Seq2SeqTrainingArguments(output_dir=str(tmp_path), max_steps=4, logging_steps=2, learning_rate=1e-3,
+                                    per_device_train_batch_size=BATCH, report_to=[], save_strategy="no", use_cpu=True)
     trainer = MoESeq2SeqTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
                                 data_collator=default_data_collator)
     trainer.train()
