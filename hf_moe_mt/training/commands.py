@@ -32,6 +32,7 @@ def run_train(args: argparse.Namespace) -> int:
     summary = run_training(config, resume=args.resume)
     if _is_main_process():
         print(json.dumps(summary, default=str))
+    _shut_down_process_group()
     return 0
 
 
@@ -39,6 +40,15 @@ def _is_main_process() -> bool:
     import torch.distributed as dist
 
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _shut_down_process_group() -> None:
+    """Leave together: a process that exits while its peers still hold the group can abort in gloo's threads."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def register(subparsers) -> None:
