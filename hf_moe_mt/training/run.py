@@ -46,16 +46,30 @@ def deepspeed_config_path(config: TrainConfig):
     return path
 
 
+# MoEMTConfig fields that decide weight shapes: a pretrained model's values cannot be overridden.
+SHAPE_FIELDS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+                "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "expert_ffn_dim", "num_experts",
+                "encoder_sparse_step", "decoder_sparse_step", "max_position_embeddings", "position_embedding_type",
+                "tie_word_embeddings")
+
+
 def model_config_of(config: TrainConfig):
     """The MoEMTConfig the run will use (validated: num_experts % expert_parallel_size, sizes, ...)."""
     from ..configuration_moe_mt import MoEMTConfig
 
-    if config.model.pretrained:
-        if not os.path.isdir(config.model.pretrained):
-            raise FileNotFoundError(f"model.pretrained={config.model.pretrained} does not exist; give a directory "
-                                    "written by save_pretrained / hf-moe-mt train (its model/ folder)")
-        return MoEMTConfig.from_pretrained(config.model.pretrained, **config.model.config)
-    return MoEMTConfig(**config.model.config)
+    overrides, pretrained = config.model.config, config.model.pretrained
+    if not pretrained:
+        return MoEMTConfig(**overrides)
+    if not os.path.isdir(pretrained):
+        raise FileNotFoundError(f"model.pretrained={pretrained} does not exist; give a directory written by "
+                                "save_pretrained / hf-moe-mt train (its model/ folder)")
+    saved = MoEMTConfig.from_pretrained(pretrained)
+    for name in SHAPE_FIELDS:
+        if name in overrides and overrides[name] != getattr(saved, name):
+            raise ValueError(f"model.config.{name}={overrides[name]} differs from the pretrained model's "
+                             f"{getattr(saved, name)}; sizes come from model.pretrained: drop it from model.config "
+                             "(model.config={} clears the section)")
+    return MoEMTConfig.from_pretrained(pretrained, **overrides)
 
 
 def check_deepspeed(config: TrainConfig, ep_size: int) -> None:

@@ -146,11 +146,13 @@ class MoESeq2SeqTrainer(Seq2SeqTrainer):
     def _clip_grad_norm(self, model):
         """The DDP clip would use this rank's expert grads only: clip by shared² + Σ_EP expert² instead."""
         if self.ddp_expert_parallel:
+            self.accelerator.unscale_gradients()  # fp16: the loss scale off first (no-op otherwise), as accelerate does
             return clip_grad_norm_(self.model, self.args.max_grad_norm, self.expert_parallel_groups)
         return super()._clip_grad_norm(model)
 
     def _get_grad_norm(self, model, grad_norm=None):
         if self.ddp_expert_parallel and grad_norm is None:
+            self.accelerator.unscale_gradients()
             grad_norm = global_grad_norm(self.model, self.expert_parallel_groups)
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.training.conftest import REPO, check_ok, fixture_data, run_cli, train_argv, training_logs  # noqa: F401
+from tests.training.conftest import (REPO, check_ok, fixture_data, log_history, run_cli, train_argv,  # noqa: F401
+                                    training_logs)
 
 pytestmark = pytest.mark.distributed
 
@@ -27,6 +28,8 @@ EQUIVALENT = [f"training.max_steps={STEPS}", "training.save_steps=2", "training.
               "model.config.router_drop_tokens=false", "model.config.router_use_rts=false", "model.config.dropout=0.0",
               "training.learning_rate=1e-3", "training.adam_epsilon=1e-6", "training.max_grad_norm=0.3"]
 EP2 = ["model.config.expert_parallel_size=2"]
+# BLEU during training under EP: every rank generates (synced) or the all-to-alls would deadlock
+BLEU = ["evaluation.bleu_steps=2", "evaluation.bleu_examples=4"]
 TOLERANCE = 1e-5
 
 
@@ -71,8 +74,10 @@ def assert_matches_reference(run_dir, reference_dir) -> None:
 
 def test_accelerate_ddp_ep2_matches_one_process_and_resumes_exactly(fixture_data, reference, tmp_path):  # noqa: F811
     run_a = tmp_path / "a"
-    check_ok(run_cli(train_argv(fixture_data, run_a, *EQUIVALENT, *EP2), launcher=_accelerate("cpu_ddp_ep2.yaml")))
+    check_ok(run_cli(train_argv(fixture_data, run_a, *EQUIVALENT, *EP2, *BLEU),
+                     launcher=_accelerate("cpu_ddp_ep2.yaml")))
     assert_matches_reference(run_a, reference)
+    assert [e["step"] for e in log_history(run_a / "checkpoint-4") if "eval_bleu" in e] == [2, 4]
     checkpoint = run_a / "checkpoint-2"
     assert {"optimizer_ep_02_rank_00.safetensors", "optimizer_ep_02_rank_01.safetensors"} <= set(os.listdir(checkpoint))
     # A fresh launch resumes from A's step-2 checkpoint (torchrun this time): steps 3-4 and the weights equal A's.
@@ -88,8 +93,9 @@ def test_accelerate_ddp_ep2_matches_one_process_and_resumes_exactly(fixture_data
 def test_accelerate_deepspeed_zero2_ep2_matches_one_process(fixture_data, reference, tmp_path):  # noqa: F811
     pytest.importorskip("deepspeed")
     run = tmp_path / "zero2"
-    check_ok(run_cli(train_argv(fixture_data, run, *EQUIVALENT, *EP2), launcher=_accelerate("ds_zero2_ep.yaml")))
+    check_ok(run_cli(train_argv(fixture_data, run, *EQUIVALENT, *EP2, *BLEU), launcher=_accelerate("ds_zero2_ep.yaml")))
     assert_matches_reference(run, reference)
+    assert [e["step"] for e in log_history(run / "checkpoint-4") if "eval_bleu" in e] == [2, 4]
     tag = (run / "checkpoint-2" / "latest").read_text().strip()
     files = set(os.listdir(run / "checkpoint-2" / tag))
     assert {"experts_ep_02_rank_00.safetensors", "experts_ep_02_rank_01.safetensors"} <= files

@@ -57,6 +57,14 @@ def test_bad_configuration_fails_at_startup_with_one_line(overrides, message, fi
     assert not (tmp_path / "run").exists()  # nothing was built
 
 
+def test_a_pretrained_model_keeps_its_sizes(checkpointed_run, fixture_data, tmp_path, capsys):
+    argv = train_argv(fixture_data, tmp_path / "run", f"model.pretrained={checkpointed_run / 'model'}",
+                      "model.config.d_model=64")
+    assert main(argv) == 2
+    assert "model.config.d_model=64 differs from the pretrained model's 32; sizes come from model.pretrained" in \
+        _error_line(capsys)
+
+
 def test_missing_config_file_is_named(tmp_path, capsys):
     assert main(["train", "--config", str(tmp_path / "nope.yaml")]) == 2
     assert "nope.yaml does not exist" in _error_line(capsys)

@@ -13,7 +13,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 from hf_moe_mt.cli import main
 from hf_moe_mt.training.checkpoints import check_checkpoint_complete
 
-from .conftest import log_history, train_argv, training_logs
+from .conftest import TINY_CONFIG, log_history, train_argv, training_logs
 
 STEPS = 40
 
@@ -84,3 +84,19 @@ def test_final_model_is_the_last_checkpoint_with_every_expert_and_its_tokenizer(
     assert len(tokenizer) <= model.config.vocab_size
     summary = json.loads((finished_run / "train_summary.json").read_text())
     assert summary["global_step"] == STEPS and summary["model_dir"] == str(finished_run / "model")
+
+
+def test_training_starts_from_a_pretrained_model_and_its_tokenizer(finished_run, fixture_data, tmp_path):
+    output_dir = tmp_path / "finetune"
+    argv = ["train", "--config", TINY_CONFIG, f"data.corpus={fixture_data['corpus']}",
+            f"model.pretrained={finished_run / 'model'}", "model.config={}", "model.config.dropout=0.0",
+            f"training.output_dir={output_dir}",
+            "training.max_steps=2", "training.logging_steps=1", "training.per_device_train_batch_size=4",
+            "training.eval_strategy=no", "evaluation.bleu_steps=0", "evaluation.plots=false", "training.report_to=none"]
+    assert main(argv) == 0
+    first_step = training_logs(output_dir / "checkpoint-2")[1]["loss"]
+    assert first_step < training_logs(finished_run / "checkpoint-40")[10]["loss"] - 0.5  # trained weights, not new ones
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(output_dir / "model"))
+    assert model.config.dropout == 0.0 and model.config.d_model == 32
+    tokenizer_file = (output_dir / "model" / "tokenizer.json").read_text()
+    assert tokenizer_file == (finished_run / "model" / "tokenizer.json").read_text()
