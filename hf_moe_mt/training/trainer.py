@@ -156,6 +156,21 @@ class MoESeq2SeqTrainer(Seq2SeqTrainer):
             grad_norm = global_grad_norm(self.model, self.expert_parallel_groups)
         return super()._get_grad_norm(model, grad_norm=grad_norm)
 
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval", **gen_kwargs):
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix, **self._generation_kwargs(gen_kwargs))
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test", **gen_kwargs):
+        return super().predict(test_dataset, ignore_keys, metric_key_prefix, **self._generation_kwargs(gen_kwargs))
+
+    def _generation_kwargs(self, gen_kwargs: dict) -> dict:
+        """Under EP every decoding step is a collective (all-to-all): with `predict_with_generate` the ranks must
+        keep stepping until all are done (`synced_gpus`), or the first to finish leaves the others hanging."""
+        if self.expert_parallel_groups is not None:
+            gen_kwargs.setdefault("synced_gpus", True)
+        return gen_kwargs
+
     # ------------------------------------------------------------------ logging
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

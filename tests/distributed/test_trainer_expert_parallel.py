@@ -74,7 +74,8 @@ def assert_matches_reference(run_dir, reference_dir) -> None:
 
 def test_accelerate_ddp_ep2_matches_one_process_and_resumes_exactly(fixture_data, reference, tmp_path):  # noqa: F811
     run_a = tmp_path / "a"
-    check_ok(run_cli(train_argv(fixture_data, run_a, *EQUIVALENT, *EP2, *BLEU),
+    # predict_with_generate: the final dev evaluation also generates under EP (synced decoding steps)
+    check_ok(run_cli(train_argv(fixture_data, run_a, *EQUIVALENT, *EP2, *BLEU, "training.predict_with_generate=true"),
                      launcher=_accelerate("cpu_ddp_ep2.yaml")))
     assert_matches_reference(run_a, reference)
     assert [e["step"] for e in log_history(run_a / "checkpoint-4") if "eval_bleu" in e] == [2, 4]
