@@ -13,7 +13,6 @@ main process first and loaded by the others. Outputs under `training.output_dir`
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import importlib.util
 import json
@@ -111,7 +110,7 @@ def check_launch(config: TrainConfig, resume: str | bool | None) -> tuple[int, s
     Returns (ep_size, checkpoint to resume from)."""
     from .trainer import check_label_smoothing
 
-    check_label_smoothing(argparse.Namespace(label_smoothing_factor=config.training.get("label_smoothing_factor", 0)))
+    check_label_smoothing(config.training.get("label_smoothing_factor", 0.0))
     ep_size = model_config_of(config).expert_parallel_size
     world = world_size_from_env()
     if world % ep_size:

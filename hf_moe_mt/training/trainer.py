@@ -39,13 +39,13 @@ from .metrics import RouterMetrics
 SCHEDULER_NAME, TRAINER_STATE_NAME = "scheduler.pt", "trainer_state.json"
 
 
-def check_label_smoothing(args) -> None:
+def check_label_smoothing(label_smoothing_factor: float) -> None:
     """The Trainer pops `labels` before the forward when it smooths itself: the model then returns no loss of
     its own and every MoE aux / z loss silently disappears."""
-    if args is not None and args.label_smoothing_factor > 0:
-        raise ValueError(f"label_smoothing_factor={args.label_smoothing_factor} makes the Trainer drop the labels "
+    if label_smoothing_factor > 0:
+        raise ValueError(f"label_smoothing_factor={label_smoothing_factor} makes the Trainer drop the labels "
                          "and with them the MoE aux and z losses; set label_smoothing_factor=0 and the model's "
-                         f"config.label_smoothing={args.label_smoothing_factor} instead")
+                         f"config.label_smoothing={label_smoothing_factor} instead")
 
 
 def deepspeed_config_of(args) -> dict | str | None:
@@ -106,7 +106,7 @@ class MoESeq2SeqTrainer(Seq2SeqTrainer):
     def __init__(self, model=None, args=None, *trainer_args, expert_parallel_size: int | None = None, **kwargs):
         if args is None:
             args = Seq2SeqTrainingArguments(output_dir="trainer_output")
-        check_label_smoothing(args)
+        check_label_smoothing(args.label_smoothing_factor)
         self.expert_parallel_groups = setup_expert_parallelism(model, args, expert_parallel_size)
         super().__init__(model, args, *trainer_args, **kwargs)
         self.router_metrics = RouterMetrics(self.model)
