@@ -1,6 +1,6 @@
-"""`hf-moe-mt train --config CONFIG.yaml [--resume [CHECKPOINT]] [section.key=value ...]`: argparse over
-config.load_train_config and run.run_training. Errors are ValueError/FileNotFoundError, printed as one line
-by cli.py (on every rank: each process checks the same things at startup)."""
+"""`hf-moe-mt train --config CONFIG.yaml [--resume | --resume-from CHECKPOINT] [section.key=value ...]`:
+argparse over config.load_train_config and run.run_training. Errors are ValueError/FileNotFoundError, printed
+as one line by cli.py (on every rank: each process checks the same things at startup)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ def add_train_parser(subparsers) -> None:
         "hf_moe_mt.cli train ...",
     )
     parser.add_argument("--config", required=True, help="YAML file (e.g. configs/tiny.yaml)")
-    parser.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
-                        help="continue from the last complete checkpoint of training.output_dir, or from CHECKPOINT")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the last complete checkpoint-N of training.output_dir")
+    parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint-N directory")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override config entries, e.g. training.max_steps=50 model.config.num_experts=8")
     parser.set_defaults(func=run_train)
@@ -29,7 +30,7 @@ def run_train(args: argparse.Namespace) -> int:
     from .run import run_training
 
     config = load_train_config(args.config, args.overrides)
-    summary = run_training(config, resume=args.resume)
+    summary = run_training(config, resume=args.resume_from or args.resume or None)
     if _is_main_process():
         print(json.dumps(summary, default=str))
     _shut_down_process_group()

@@ -33,7 +33,7 @@ def train_argv(fixture_data: dict, output_dir, *overrides: str, resume: str | No
     argv = ["train", "--config", TINY_CONFIG, f"data.corpus={fixture_data['corpus']}",
             f"data.tokenizer={fixture_data['tokenizer']}", f"training.output_dir={output_dir}", *FAST, *overrides]
     if resume is not None:
-        argv += ["--resume"] if resume == "last" else [f"--resume={resume}"]
+        argv += ["--resume"] if resume == "last" else ["--resume-from", str(resume)]
     return argv
 
 
