@@ -304,6 +304,12 @@ class MoESeq2SeqTrainer(Seq2SeqTrainer):
         state = load_checkpoint_state_dict(resume_from_checkpoint)
         load_full_state_into(self.model, slice_full_state_dict(state, self.model))
 
+    def _load_best_model(self) -> None:
+        """`load_best_model_at_end` under EP: the best checkpoint's full model, sliced (DeepSpeed: the engine)."""
+        if not self.ddp_expert_parallel:
+            return super()._load_best_model()
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None or not self.ddp_expert_parallel:
             return super()._load_optimizer_and_scheduler(checkpoint)

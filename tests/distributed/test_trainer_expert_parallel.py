@@ -82,8 +82,12 @@ def test_accelerate_ddp_ep2_matches_one_process_and_resumes_exactly(fixture_data
     checkpoint = run_a / "checkpoint-2"
     assert {"optimizer_ep_02_rank_00.safetensors", "optimizer_ep_02_rank_01.safetensors"} <= set(os.listdir(checkpoint))
     # A fresh launch resumes from A's step-2 checkpoint (torchrun this time): steps 3-4 and the weights equal A's.
+    # It also evaluates at step 4 and reloads the best checkpoint at the end (checkpoint-4: the same weights).
     run_b = tmp_path / "b"
-    check_ok(run_cli(train_argv(fixture_data, run_b, *EQUIVALENT, *EP2, resume=str(checkpoint)), launcher=TORCHRUN))
+    best_model = ["training.eval_strategy=steps", "training.eval_steps=2", "training.load_best_model_at_end=true"]
+    check_ok(run_cli(train_argv(fixture_data, run_b, *EQUIVALENT, *EP2, *best_model, resume=str(checkpoint)),
+                     launcher=TORCHRUN))
+    assert log_history(run_b / "checkpoint-4")[-1]["eval_loss"] > 0
     logs_a, logs_b = training_logs(run_a / "checkpoint-4"), training_logs(run_b / "checkpoint-4")
     assert [logs_b[s]["loss"] for s in (3, 4)] == [logs_a[s]["loss"] for s in (3, 4)]
     assert [logs_b[s]["grad_norm"] for s in (3, 4)] == [logs_a[s]["grad_norm"] for s in (3, 4)]
