@@ -9,7 +9,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["hf_moe_mt", "hf_moe_mt.*"]),
-    package_data={"hf_moe_mt.tools": ["*.md"]},
+    package_data={"hf_moe_mt.tools": ["*.md"], "hf_moe_mt": ["configs/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=5.24,<6",

@@ -222,20 +222,21 @@ def global_grad_norm(model: nn.Module, groups: ExpertParallelGroups, norm_type: 
     of each rank's expert². Averaging per-rank norms (DDP clip) would differ across EP ranks."""
     if norm_type != 2.0:
         raise ValueError(f"norm_type={norm_type} is not supported under expert parallelism; use 2.0")
-    shared_sq = torch.zeros((), dtype=torch.float64)
-    expert_sq = torch.zeros((), dtype=torch.float64)
-    for param in model.parameters():
-        if param.grad is None:
-            continue
-        sq = param.grad.detach().double().square().sum().cpu()
-        if is_expert_parameter(param):
-            expert_sq += sq
-        else:
-            shared_sq += sq
+    shared = [p.grad for p in model.parameters() if p.grad is not None and not is_expert_parameter(p)]
+    expert = [p.grad for p in model.parameters() if p.grad is not None and is_expert_parameter(p)]
+    device = (shared or expert)[0].device if (shared or expert) else torch.device("cpu")
+    # Squared sums stay on the gradients' device (NCCL reduces device tensors only; no per-tensor host sync).
+    shared_sq, expert_sq = (_sum_of_squares(grads, device) for grads in (shared, expert))
     if groups.ep_size > 1:
         dist.all_reduce(expert_sq, group=groups.ep_group)
     return (shared_sq + expert_sq).sqrt().float()
 
+
+def _sum_of_squares(grads: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    if not grads:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    norms = torch._foreach_norm([g.detach().double() for g in grads])
+    return torch.stack(norms).square().sum()
 
 @torch.no_grad()
 def clip_grad_norm_(model: nn.Module, max_norm: float, groups: ExpertParallelGroups) -> torch.Tensor:
@@ -251,15 +252,23 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, groups: ExpertParallelGro
 
 @torch.no_grad()
 def gather_full_state_dict(model: nn.Module, groups: ExpertParallelGroups) -> dict[str, torch.Tensor]:
-    """The single-device state dict (all experts, HF names) on every rank. Collective call."""
-    state = {}
+    """A snapshot of the single-device state dict (all experts, HF names) on every rank. Collective call.
+
+    Tensors that share storage in the model (tied embeddings / LM head) share one copy here too, so
+    `save_pretrained` still sees the tie and writes the weight once.
+    """
+    state, copies = {}, {}
     expert_names = set(expert_parameter_names(model))
     for name, tensor in model.state_dict().items():
         if name in expert_names and groups.ep_size > 1:
             parts = [torch.empty_like(tensor) for _ in range(groups.ep_size)]
             dist.all_gather(parts, tensor.contiguous(), group=groups.ep_group)
-            tensor = torch.cat(parts, dim=0)
-        state[name] = tensor.detach().clone()
+            state[name] = torch.cat(parts, dim=0)
+            continue
+        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()))
+        if key not in copies:
+            copies[key] = tensor.detach().clone()
+        state[name] = copies[key]
     return state
 
 

@@ -86,19 +86,6 @@ def setup_expert_parallelism(model, args, expert_parallel_size: int | None) -> E
     return groups
 
 
-def retie_shared_tensors(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-    """gather_full_state_dict clones every tensor, which hides weight tying (embeddings / LM head) from
-    save_pretrained: names sharing one storage in the model get one tensor again, so they are saved once."""
-    first_name = {}
-    for name, tensor in model.state_dict().items():
-        if tensor.numel() == 0:
-            continue
-        owner = first_name.setdefault(tensor.data_ptr(), name)
-        if owner != name and name in state:
-            state[name] = state[owner]
-    return state
-
-
 class MoESeq2SeqTrainer(Seq2SeqTrainer):
     """`Seq2SeqTrainer` for MoE models; see the module docstring. Extra argument: `expert_parallel_size`
     (default: `model.config.expert_parallel_size`). `router_metrics` holds the routing statistics."""
@@ -199,7 +186,7 @@ class MoESeq2SeqTrainer(Seq2SeqTrainer):
             return super().save_model(output_dir, _internal_call=True)
         # The stock save would write rank 0's expert slice [E/ep, ...] as if it were the model.
         state = gather_full_state_dict(self.model, self.expert_parallel_groups)
-        self._save(output_dir, state_dict=retie_shared_tensors(state, self.model))
+        self._save(output_dir, state_dict=state)
 
     def _prepare_staging(self, staging: str) -> None:
         """An empty `staging` for every rank to write into (a crashed save may have left one behind)."""
