@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from .runtime import keep_freed_memory
+
 # subcommand group -> module that registers it (imported only when present, so the command works
 # while later parts of the package are still being built)
 SUBCOMMAND_MODULES = (
@@ -34,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # before any large tensor exists; see runtime.py (HF_MOE_MT_KEEP_FREED_MEMORY=0 opts out)
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from .expert_threads import for_each_expert
+
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 
 # A padded bmm computes E·max_count rows; beyond this multiple of the real rows the loop is cheaper.
@@ -108,20 +110,17 @@ class _BatchedFFN(torch.autograd.Function):
 
 
 class _LoopFFN(torch.autograd.Function):
-    """Per-expert GEMMs into preallocated slices; keeps only x and h for the backward."""
+    """Per-expert GEMMs into preallocated slices, experts spread over single-threaded workers
+    (expert_threads.py); keeps only x and h for the backward."""
 
     @staticmethod
     def forward(ctx, x, counts, w1, b1, w2, b2, activation):
         bounds = _bounds(counts)
         h = x.new_empty(x.shape[0], w1.shape[1])  # [R, F]
-        for e, (lo, hi) in enumerate(bounds):
-            if hi > lo:
-                torch.addmm(b1[e], x[lo:hi], w1[e].t(), out=h[lo:hi])
+        for_each_expert(_linear_into(x, w1, b1, h), bounds)
         a = activation_forward(activation, h)
         y = x.new_empty(x.shape[0], w2.shape[1])  # [R, D]
-        for e, (lo, hi) in enumerate(bounds):
-            if hi > lo:
-                torch.addmm(b2[e], a[lo:hi], w2[e].t(), out=y[lo:hi])
+        for_each_expert(_linear_into(a, w2, b2, y), bounds)
         ctx.save_for_backward(x, h, w1, w2)
         ctx.bounds, ctx.activation = bounds, activation
         return y
@@ -144,18 +143,31 @@ class _LoopFFN(torch.autograd.Function):
         return grad_x, None, grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
+def _linear_into(inputs, weight, bias, out):
+    """work(e, lo, hi): out rows of expert e = inputs rows · weight[e]ᵀ + bias[e]."""
+
+    def expert_linear(e: int, lo: int, hi: int) -> None:
+        if hi > lo:
+            torch.addmm(bias[e], inputs[lo:hi], weight[e].t(), out=out[lo:hi])
+
+    return expert_linear
+
+
 def _per_expert_weight_grads(bounds, grad_out, inputs, weight, grad_in):
     """For out_e = in_e Wᵀ + b: writes grad_in rows, returns (dW [E, O, I], db [E, O]) slice by slice."""
     grad_weight = torch.empty_like(weight)
     grad_bias = weight.new_empty(weight.shape[0], weight.shape[1])
-    for e, (lo, hi) in enumerate(bounds):
+
+    def expert_grads(e: int, lo: int, hi: int) -> None:
         if hi == lo:
             grad_weight[e].zero_()
             grad_bias[e].zero_()
-            continue
+            return
         torch.mm(grad_out[lo:hi], weight[e], out=grad_in[lo:hi])
         torch.mm(grad_out[lo:hi].t(), inputs[lo:hi], out=grad_weight[e])
         torch.sum(grad_out[lo:hi], dim=0, out=grad_bias[e])
+
+    for_each_expert(expert_grads, bounds)
     return grad_weight, grad_bias
 
 

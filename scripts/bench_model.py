@@ -25,6 +25,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout needs no install
 
 import hf_moe_mt  # noqa: E402  before torch: its __init__ turns on THP for torch's CPU allocator
+from hf_moe_mt.runtime import keep_freed_memory  # noqa: E402
+
+KEPT_FREED_MEMORY = keep_freed_memory()  # every row/model alike; HF_MOE_MT_KEEP_FREED_MEMORY=0 opts out
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -209,7 +212,8 @@ def format_table(report: dict) -> str:
         f"top-{args['top_k']} (NLLB-MoE top-2), MoE every {args['sparse_step']} layers, ffn {args['ffn_dim']}, "
         f"vocab {args['vocab_size']}; train batch {args['batch_size']}x{args['seq_len']}+{args['seq_len']}, "
         f"translate {args['translate_batch_size']} sentences, beam {args['beams']}, {args['new_tokens']} new tokens; "
-        f"{report['torch_threads']} threads, median of {args['rounds']} rounds",
+        f"{report['torch_threads']} threads, median of {args['rounds']} rounds; glibc keeps freed memory: "
+        f"{KEPT_FREED_MEMORY} (both models)",
         f"parameters: ours {report['parameters']['ours'] / 1e6:.1f} M, NLLB-MoE "
         f"{report['parameters']['nllb_moe'] / 1e6:.1f} M",
         "",

@@ -29,6 +29,9 @@ if "--no-thp" in sys.argv:
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout needs no install
 
 import hf_moe_mt  # noqa: E402,F401  before torch: its __init__ turns on THP for torch's CPU allocator
+from hf_moe_mt.runtime import keep_freed_memory  # noqa: E402
+
+KEPT_FREED_MEMORY = keep_freed_memory()  # every row/model alike; HF_MOE_MT_KEEP_FREED_MEMORY=0 opts out
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -353,7 +356,7 @@ def header_lines(args) -> list[str]:
         f"MoE layer benchmark — forward+backward, median of {args.repeats} interleaved repetitions "
         f"({args.warmup} warm-up), {device}, {args.dtype}, torch {torch.__version__}",
         f"T={args.tokens} tokens, d={args.d_model}, expert ffn={args.ffn}, activation={args.activation} in every row, "
-        f"THP_MEM_ALLOC_ENABLE={thp} (all rows), capacity factors as listed (min_capacity 4 where it applies)",
+        f"THP_MEM_ALLOC_ENABLE={thp}, glibc keeps freed memory: {KEPT_FREED_MEMORY} (all rows), capacity factors as listed (min_capacity 4 where it applies)",
         "ratio = median ms / median ms of a dense FFN of width k·ffn measured in the same round-robin; "
         "TFLOP/s = activated GEMM FLOPs (12·T·k·d·ffn) / median time; peak MiB = live torch bytes above the "
         "step's start (activations + gradients)",
