@@ -36,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    keep_freed_memory()  # before any large tensor exists; see runtime.py (HF_MOE_MT_KEEP_FREED_MEMORY=0 opts out)
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":  # a steady-state loop: keep freed memory (runtime.py; HF_MOE_MT_KEEP_FREED_MEMORY=0 opts out)
+        keep_freed_memory()
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

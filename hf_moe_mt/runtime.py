@@ -1,5 +1,7 @@
-"""Process-wide CPU memory settings for MoE training (glibc). Never applied on import: the `hf-moe-mt`
-command and the benchmark scripts call `keep_freed_memory()`; scripts of your own may call it too."""
+"""Process-wide CPU memory settings for MoE training (glibc). Never applied on import: `hf-moe-mt train`
+and the benchmark scripts call `keep_freed_memory()`; scripts of your own may call it too. A process
+that keeps freed memory holds its peak footprint: call `release_freed_memory()` between phases that
+allocate differently (e.g. between models of different sizes), or the heap fragments and grows."""
 
 from __future__ import annotations
 
@@ -29,3 +31,13 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_memory() -> bool:
+    """Give the free parts of glibc's heap back to the OS (malloc_trim); False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

@@ -29,12 +29,13 @@ if "--no-thp" in sys.argv:
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout needs no install
 
 import hf_moe_mt  # noqa: E402,F401  before torch: its __init__ turns on THP for torch's CPU allocator
-from hf_moe_mt.runtime import keep_freed_memory  # noqa: E402
+from hf_moe_mt.runtime import keep_freed_memory, release_freed_memory  # noqa: E402
 
 KEPT_FREED_MEMORY = keep_freed_memory()  # every row/model alike; HF_MOE_MT_KEEP_FREED_MEMORY=0 opts out
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
+import gc  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import logging  # noqa: E402
@@ -410,6 +411,9 @@ def main(argv=None) -> None:
         for num_experts in args.experts:
             rows = measure_point(args, k, num_experts)
             records += summarize(args, k, num_experts, rows)
+            del rows  # every point builds new models: hand their memory back before the next, bigger ones
+            gc.collect()
+            release_freed_memory()
             print(f"  measured k={k} E={num_experts}", file=sys.stderr, flush=True)
     print(format_table(args, records))
     if args.json:
