@@ -63,11 +63,11 @@ def split_experts(bounds: list[tuple[int, int]], parts: int) -> list[list[int]]:
     return [share for share in shares if share]
 
 
-def for_each_expert(work: Callable[[int, int, int], None], bounds: list[tuple[int, int]]) -> None:
-    """Call `work(expert, lo, hi)` once per expert; concurrently on single-threaded workers when torch
-    has several intra-op threads. `work` must only write its own expert's slices."""
+def for_each_expert(work: Callable[[int, int, int], None], bounds: list[tuple[int, int]], parallel: bool = True) -> None:
+    """Call `work(expert, lo, hi)` once per expert; concurrently on single-threaded workers when
+    `parallel` and torch has several intra-op threads. `work` must only write its own expert's slices."""
     threads = torch.get_num_threads()
-    if threads == 1 or len(bounds) < 2:
+    if not parallel or threads == 1 or len(bounds) < 2:
         for expert, (lo, hi) in enumerate(bounds):
             work(expert, lo, hi)
         return

@@ -59,10 +59,17 @@ def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_fact
     return max(-(-(numerator * top_k * num_tokens) // (denominator * num_experts)), min_capacity)
 
 
+def count_per_expert(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] int64 occurrences of each expert id. Not `torch.bincount`: on CUDA it reads max(ids) back to
+    the host to size its output, a GPU sync in every MoE layer."""
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=expert_ids.device)
+    return counts.scatter_add_(0, expert_ids, torch.ones_like(expert_ids))
+
+
 def load_balancing_loss(probs: torch.Tensor, first_choice: torch.Tensor) -> torch.Tensor:
     """Switch/DeepSpeed aux loss E·Σ_e mean_t(p_e)·frac_e with frac from the first choice; 1.0 when balanced."""
     num_experts = probs.shape[-1]
-    frac = torch.bincount(first_choice, minlength=num_experts).to(probs.dtype) / first_choice.numel()
+    frac = count_per_expert(first_choice, num_experts).to(probs.dtype) / first_choice.numel()
     return num_experts * torch.sum(probs.mean(dim=0) * frac)
 
 
@@ -99,7 +106,7 @@ def plan_routing(
         priority = (pair % top_k) * num_tokens + torch.div(pair, top_k, rounding_mode="floor")
     # 3.
     order = torch.argsort(expert_of_pair * num_pairs + priority)  # [P] pair ids grouped by expert
-    counts = torch.bincount(expert_of_pair, minlength=num_experts)  # [E]
+    counts = count_per_expert(expert_of_pair, num_experts)  # [E]
     if capacity is None:
         kept_pairs, kept_counts = order, counts
         keep = None

@@ -1,7 +1,8 @@
 """Grouped expert FFN kernels: y_e = act(x_e W1_eᵀ + b1_e) W2_eᵀ + b2_e over rows grouped by expert.
 
 Pure torch (travels with remote code). Three implementations behind one function, `grouped_ffn`:
-- CUDA: `torch._grouped_mm` (one launch per GEMM, no host sync).
+- CUDA: `torch._grouped_mm` for all six GEMMs of forward + backward (weight gradients come out of a
+  grouped GEMM in the parameter's own layout; offsets stay on the device, so nothing waits for the GPU).
 - CPU, near-uniform groups (e.g. capacity-limited training): a padded `bmm`, because batched GEMM
   parallelises over experts, and small per-expert GEMMs split across threads waste most of the cores.
 - CPU otherwise: a loop of per-expert GEMMs inside one autograd.Function whose backward writes each
@@ -47,10 +48,10 @@ def grouped_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation: str) -> torch.
     if x.shape[0] == 0:
         # Keep the graph connected so every parameter gets a (zero) gradient, as DDP/ZeRO expect.
         return x + 0.0 * (w1.sum() + b1.sum() + w2.sum() + b2.sum())
-    if x.is_cuda and hasattr(torch, "_grouped_mm"):
-        return _grouped_mm_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation)
+    if _use_grouped_mm(x, w1):
+        return _GroupedMMFFN.apply(x, tokens_per_expert, w1, b1, w2, b2, activation)
     counts = tokens_per_expert.tolist()  # host sync; free on CPU
-    if max(counts) * len(counts) <= PADDED_BMM_MAX_WASTE * x.shape[0]:
+    if not x.is_cuda and max(counts) * len(counts) <= PADDED_BMM_MAX_WASTE * x.shape[0]:
         return _padded_bmm_ffn(x, tokens_per_expert, max(counts), w1, b1, w2, b2, activation)
     return _LoopFFN.apply(x, counts, w1, b1, w2, b2, activation)
 
@@ -60,13 +61,49 @@ def _expert_of_row(tokens_per_expert: torch.Tensor, num_rows: int) -> torch.Tens
     return torch.repeat_interleave(experts, tokens_per_expert, output_size=num_rows)
 
 
-def _grouped_mm_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation):
-    """CUDA path. Offsets stay on device; biases are gathered per row."""
-    offsets = torch.cumsum(tokens_per_expert, 0).to(torch.int32)
-    expert = _expert_of_row(tokens_per_expert, x.shape[0])
-    h = torch._grouped_mm(x, w1.transpose(1, 2), offs=offsets) + b1[expert]
-    a = activation_forward(activation, h)
-    return torch._grouped_mm(a, w2.transpose(1, 2), offs=offsets) + b2[expert]
+def _use_grouped_mm(x: torch.Tensor, w1: torch.Tensor) -> bool:
+    """CUDA with torch._grouped_mm, whose kernels need 16-byte aligned rows (d and ffn multiples of 8 in
+    bf16). On CPU the per-expert paths below measured faster than torch's grouped_mm loop."""
+    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
+        return False
+    return (x.shape[1] * x.element_size()) % 16 == 0 and (w1.shape[1] * x.element_size()) % 16 == 0
+
+
+class _GroupedMMFFN(torch.autograd.Function):
+    """Two grouped GEMMs forward, four backward. A custom backward because autograd's own derivative
+    of `b[expert_of_row]` is a sort-based index_put over R·F elements, and because the weight
+    gradients come out directly in the [E, F, D] / [E, D, F] layout of the parameters."""
+
+    @staticmethod
+    def forward(ctx, x, tokens_per_expert, w1, b1, w2, b2, activation):
+        offsets = torch.cumsum(tokens_per_expert, 0, dtype=torch.int32)
+        expert = _expert_of_row(tokens_per_expert, x.shape[0])
+        h = torch._grouped_mm(x, w1.transpose(1, 2), offs=offsets).add_(b1.index_select(0, expert))  # [R, F]
+        a = activation_forward(activation, h)
+        y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offsets).add_(b2.index_select(0, expert))  # [R, D]
+        ctx.save_for_backward(x, h, a, w1, w2, offsets)  # keeps act(h), like a dense FFN's autograd does
+        ctx.activation = activation
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, h, a, w1, w2, offsets = ctx.saved_tensors
+        grad_y = grad_y.contiguous()
+        grad_w2 = torch._grouped_mm(grad_y.t(), a, offs=offsets)  # [E, D, F]
+        grad_h = activation_backward(ctx.activation, torch._grouped_mm(grad_y, w2, offs=offsets), h)  # [R, F]
+        del a
+        grad_w1 = torch._grouped_mm(grad_h.t(), x, offs=offsets)  # [E, F, D]
+        grad_x = torch._grouped_mm(grad_h, w1, offs=offsets)  # [R, D]
+        return (grad_x, None, grad_w1, _row_sums_per_group(grad_h, offsets), grad_w2,
+                _row_sums_per_group(grad_y, offsets), None)
+
+
+def _row_sums_per_group(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """[R, N] rows grouped by `offsets` → [E, N] per-group sums (bias gradients), as one more grouped
+    GEMM with a block of ones: deterministic (no atomics) and no host sync. Eight ones-columns, not one,
+    because the kernels need 16-byte aligned strides; the transposed view keeps that for any R."""
+    ones = rows.new_ones(rows.shape[0], 8).t()  # [8, R], column-major
+    return torch._grouped_mm(ones, rows, offs=offsets)[:, 0]
 
 
 def _padded_bmm_ffn(x, tokens_per_expert, rows_per_expert, w1, b1, w2, b2, activation):
@@ -117,12 +154,13 @@ class _LoopFFN(torch.autograd.Function):
     def forward(ctx, x, counts, w1, b1, w2, b2, activation):
         bounds = _bounds(counts)
         h = x.new_empty(x.shape[0], w1.shape[1])  # [R, F]
-        for_each_expert(_linear_into(x, w1, b1, h), bounds)
+        parallel = not x.is_cuda  # GPU kernels queue on one stream: worker threads would only add overhead
+        for_each_expert(_linear_into(x, w1, b1, h), bounds, parallel)
         a = activation_forward(activation, h)
         y = x.new_empty(x.shape[0], w2.shape[1])  # [R, D]
-        for_each_expert(_linear_into(a, w2, b2, y), bounds)
+        for_each_expert(_linear_into(a, w2, b2, y), bounds, parallel)
         ctx.save_for_backward(x, h, w1, w2)
-        ctx.bounds, ctx.activation = bounds, activation
+        ctx.bounds, ctx.activation, ctx.parallel = bounds, activation, parallel
         return y
 
     @staticmethod
@@ -133,13 +171,13 @@ class _LoopFFN(torch.autograd.Function):
         a = activation_forward(ctx.activation, h)  # recomputed: cheaper than keeping [R, F] alive
         # 1.
         grad_a = torch.empty_like(h)
-        grad_w2, grad_b2 = _per_expert_weight_grads(ctx.bounds, grad_y, a, w2, grad_a)
+        grad_w2, grad_b2 = _per_expert_weight_grads(ctx.bounds, grad_y, a, w2, grad_a, ctx.parallel)
         # 2.
         grad_h = activation_backward(ctx.activation, grad_a, h)
         del grad_a, a
         # 3.
         grad_x = torch.empty_like(x)
-        grad_w1, grad_b1 = _per_expert_weight_grads(ctx.bounds, grad_h, x, w1, grad_x)
+        grad_w1, grad_b1 = _per_expert_weight_grads(ctx.bounds, grad_h, x, w1, grad_x, ctx.parallel)
         return grad_x, None, grad_w1, grad_b1, grad_w2, grad_b2, None
 
 
@@ -153,7 +191,7 @@ def _linear_into(inputs, weight, bias, out):
     return expert_linear
 
 
-def _per_expert_weight_grads(bounds, grad_out, inputs, weight, grad_in):
+def _per_expert_weight_grads(bounds, grad_out, inputs, weight, grad_in, parallel):
     """For out_e = in_e Wᵀ + b: writes grad_in rows, returns (dW [E, O, I], db [E, O]) slice by slice."""
     grad_weight = torch.empty_like(weight)
     grad_bias = weight.new_empty(weight.shape[0], weight.shape[1])
@@ -167,7 +205,7 @@ def _per_expert_weight_grads(bounds, grad_out, inputs, weight, grad_in):
         torch.mm(grad_out[lo:hi].t(), inputs[lo:hi], out=grad_weight[e])
         torch.sum(grad_out[lo:hi], dim=0, out=grad_bias[e])
 
-    for_each_expert(expert_grads, bounds)
+    for_each_expert(expert_grads, bounds, parallel)
     return grad_weight, grad_bias
 
 

@@ -1,19 +1,33 @@
-"""Fixtures for the MoE layer tests: forcing each CPU kernel path of grouped_ffn and proving it ran."""
+"""Fixtures for the MoE layer tests: forcing each kernel path of grouped_ffn and proving it ran.
+
+The grouped_mm path is CUDA's in production; torch._grouped_mm also runs on CPU (a slower loop inside
+torch), so forcing it here tests its custom backward in every CI run."""
 
 import math
+import types
 
 import pytest
 
 from hf_moe_mt import moe_kernels
 
+KERNEL_PATHS = ("padded", "loop", "grouped_mm")
+
 
 class PathSpy:
-    """Counts which grouped_ffn implementation actually ran (padded bmm or the per-expert loop)."""
+    """Counts which grouped_ffn implementation actually ran (padded bmm, per-expert loop, grouped_mm)."""
 
     def __init__(self, monkeypatch):
         self.padded = 0
         self.loop = 0
+        self.grouped_mm = 0
         real_padded, real_bounds = moe_kernels._padded_bmm_ffn, moe_kernels._bounds
+        real_grouped = moe_kernels._GroupedMMFFN
+
+        def grouped(*args):
+            self.grouped_mm += 1
+            return real_grouped.apply(*args)
+
+        monkeypatch.setattr(moe_kernels, "_GroupedMMFFN", types.SimpleNamespace(apply=grouped))
 
         def padded(*args, **kwargs):
             self.padded += 1
@@ -27,20 +41,28 @@ class PathSpy:
         monkeypatch.setattr(moe_kernels, "_bounds", bounds)
 
     def assert_only(self, path: str) -> None:
-        if path == "padded":
-            assert self.padded > 0 and self.loop == 0, f"padded={self.padded} loop={self.loop}"
-        else:
-            assert self.loop > 0 and self.padded == 0, f"padded={self.padded} loop={self.loop}"
+        ran = {"padded": self.padded, "loop": self.loop, "grouped_mm": self.grouped_mm}
+        assert ran[path] > 0 and sum(ran.values()) == ran[path], f"expected only {path}, ran {ran}"
+
+
+def _force_path(monkeypatch, path: str) -> PathSpy:
+    """An infinite waste budget always pads, a negative one never does; grouped_mm is forced on or off."""
+    monkeypatch.setattr(moe_kernels, "PADDED_BMM_MAX_WASTE", math.inf if path == "padded" else -1.0)
+    monkeypatch.setattr(moe_kernels, "_use_grouped_mm", lambda x, w1: path == "grouped_mm")
+    spy = PathSpy(monkeypatch)
+    spy.name = path
+    return spy
+
+
+@pytest.fixture(params=KERNEL_PATHS)
+def kernel_path(request, monkeypatch):
+    return _force_path(monkeypatch, request.param)
 
 
 @pytest.fixture(params=["padded", "loop"])
-def kernel_path(request, monkeypatch):
-    """Force one CPU path: an infinite waste budget always pads, a negative one never does."""
-    waste = math.inf if request.param == "padded" else -1.0
-    monkeypatch.setattr(moe_kernels, "PADDED_BMM_MAX_WASTE", waste)
-    spy = PathSpy(monkeypatch)
-    spy.name = request.param
-    return spy
+def float64_kernel_path(request, monkeypatch):
+    """The paths that run in float64 (torch._grouped_mm has no float64 kernels), for gradcheck."""
+    return _force_path(monkeypatch, request.param)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from hf_moe_mt.moe_kernels import ACTIVATIONS, grouped_ffn
 
 from .reference import ACTIVATION_FUNCTIONS, assert_close_rel
 
-D, F_DIM = 6, 10
+D, F_DIM = 8, 12  # multiples of 4 floats: torch._grouped_mm needs 16-byte aligned rows
 GROUPINGS = {"uneven_with_empty": [3, 0, 5, 2], "uniform": [4, 4, 4, 4], "one_hot_expert": [0, 11, 0, 1]}
 
 
@@ -55,14 +55,14 @@ def test_grouped_ffn_matches_per_row_reference(grouping, activation, kernel_path
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_new", "silu"])
-def test_grouped_ffn_custom_backward_passes_gradcheck(activation, kernel_path):
+def test_grouped_ffn_custom_backward_passes_gradcheck(activation, float64_kernel_path):
     """Finite differences in float64 (relu is left out: its kink makes finite differences unreliable)."""
     operands = _operands([2, 0, 3], dtype=torch.float64)
     x, counts, w1, b1, w2, b2 = operands
     assert torch.autograd.gradcheck(
         lambda x, w1, b1, w2, b2: grouped_ffn(x, counts, w1, b1, w2, b2, activation), (x, w1, b1, w2, b2)
     )
-    kernel_path.assert_only(kernel_path.name)
+    float64_kernel_path.assert_only(float64_kernel_path.name)
 
 
 def test_grouped_ffn_no_rows_gives_zero_gradients_for_every_parameter():
@@ -90,18 +90,3 @@ def test_grouped_ffn_picks_padded_bmm_only_when_padding_waste_is_small(counts, p
     operands = _operands(counts)
     grouped_ffn(*operands, "relu").sum().backward()
     path_spy.assert_only(path)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (torch._grouped_mm path)")
-@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
-def test_grouped_ffn_cuda_grouped_mm_matches_cpu(dtype, rtol):
-    counts = [16, 0, 32, 48]
-    operands = _operands(counts)
-    grad_out = torch.randn(operands[0].shape)
-    ref_out, ref_grads = _grads(lambda *a: grouped_ffn(*a, "gelu"), operands, grad_out)
-    cuda_operands = [t.detach().to("cuda", dtype if t.is_floating_point() else t.dtype) for t in operands]
-    cuda_operands = [t.requires_grad_(t.is_floating_point()) for t in cuda_operands]
-    out, grads = _grads(lambda *a: grouped_ffn(*a, "gelu"), cuda_operands, grad_out.to("cuda", dtype))
-    assert_close_rel(out.float().cpu(), ref_out, rtol=rtol, name="output")
-    for grad, ref_grad in zip(grads, ref_grads):
-        assert_close_rel(grad.float().cpu(), ref_grad, rtol=rtol, name="grad")
