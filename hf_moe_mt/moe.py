@@ -35,9 +35,11 @@ class RoutingPlan:
 
     Pairs are numbered p = t·K + j (token t's j-th choice). `kept_pairs` lists the surviving pairs
     sorted by expert; every expert's rows are contiguous, expert e owning `tokens_per_expert[e]` rows.
+    `row_of_pair` is the inverse map, so both directions of dispatch/combine are gathers (no scatter-add).
     """
 
     kept_pairs: torch.Tensor  # [R] int64, pair ids sorted by expert
+    row_of_pair: torch.Tensor  # [P] int64, the row of each pair in kept order; R for a dropped pair
     tokens_per_expert: torch.Tensor  # [E] int64, sums to R
     combine_weights: torch.Tensor  # [T, K] fp32, 0 for dropped pairs
     num_tokens: int  # T
@@ -109,35 +111,76 @@ def plan_routing(
     counts = count_per_expert(expert_of_pair, num_experts)  # [E]
     if capacity is None:
         kept_pairs, kept_counts = order, counts
-        keep = None
     else:
         starts = torch.cumsum(counts, 0) - counts
         rank_in_expert = torch.arange(num_pairs, device=device) - starts[expert_of_pair[order]]
-        kept_pairs = order[rank_in_expert < capacity]
+        kept_pairs = order[rank_in_expert < capacity]  # sizes the expert batch: the one host sync
         kept_counts = counts.clamp(max=capacity)
-        keep = torch.zeros(num_pairs, dtype=torch.bool, device=device).index_fill_(0, kept_pairs, True)
+    num_kept = kept_pairs.shape[0]
+    row_of_pair = torch.full((num_pairs,), num_kept, dtype=torch.int64, device=device)
+    row_of_pair.index_copy_(0, kept_pairs, torch.arange(num_kept, device=device))  # unique indices: no races
     # 4.
-    weights = topk_probs if keep is None else topk_probs * keep.view(num_tokens, top_k)
+    weights = topk_probs if num_kept == num_pairs else topk_probs * (row_of_pair < num_kept).view(num_tokens, top_k)
     if top_k > 1:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).eps)
-    return RoutingPlan(kept_pairs, kept_counts, weights, num_tokens, top_k)
+    return RoutingPlan(kept_pairs, row_of_pair, kept_counts, weights, num_tokens, top_k)
 
 
 def dispatch(tokens: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
     """[T, D] → [R, D]: one row per kept pair, grouped by expert (no one-hot, no capacity padding)."""
-    return tokens.index_select(0, plan.token_index)
+    return _Dispatch.apply(tokens, plan.token_index, plan.row_of_pair, plan.top_k)
 
 
 def combine(expert_out: torch.Tensor, plan: RoutingPlan) -> torch.Tensor:
-    """[R, D] → [T, D]: weighted sum over each token's kept pairs; dropped pairs contribute zero.
+    """[R, D] → [T, D]: weighted sum over each token's kept pairs; dropped pairs contribute zero."""
+    return _Combine.apply(expert_out, plan.combine_weights, plan.kept_pairs, plan.row_of_pair)
 
-    Rows are put back into a [P, D] buffer and summed over K instead of `index_add_`, because
-    atomics make `index_add_` nondeterministic on GPUs when two pairs hit one token.
-    """
-    num_pairs, hidden = plan.num_tokens * plan.top_k, expert_out.shape[-1]
-    per_pair = expert_out.new_zeros(num_pairs, hidden).index_copy(0, plan.kept_pairs, expert_out)
-    weights = plan.combine_weights.to(expert_out.dtype).unsqueeze(-1)  # [T, K, 1]
-    return (per_pair.view(plan.num_tokens, plan.top_k, hidden) * weights).sum(dim=1)
+
+def _rows_of_pairs(rows: torch.Tensor, row_of_pair: torch.Tensor) -> torch.Tensor:
+    """[R, D] → [P, D]: each pair's row, a zero row for a dropped pair (row index R)."""
+    if row_of_pair.shape[0] > rows.shape[0]:  # some pair was dropped (R < P)
+        rows = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+    return rows.index_select(0, row_of_pair)
+
+
+class _Dispatch(torch.autograd.Function):
+    """Gather token rows into kept-pair order. The backward gathers each pair's gradient row back and sums
+    a token's K rows: autograd's own derivative of index_select is a scatter-add, which uses atomics on
+    GPUs (slow for bf16, and nondeterministic in general)."""
+
+    @staticmethod
+    def forward(ctx, tokens, token_of_row, row_of_pair, top_k):
+        ctx.save_for_backward(row_of_pair)
+        ctx.num_tokens, ctx.top_k = tokens.shape[0], top_k
+        return tokens.index_select(0, token_of_row)
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        (row_of_pair,) = ctx.saved_tensors
+        per_pair = _rows_of_pairs(grad_rows, row_of_pair).view(ctx.num_tokens, ctx.top_k, grad_rows.shape[-1])
+        return (per_pair[:, 0] if ctx.top_k == 1 else per_pair.sum(dim=1)), None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """out[t] = Σ_j w[t, j] · rows[row_of_pair[t·K + j]], gathers in both directions (see _Dispatch)."""
+
+    @staticmethod
+    def forward(ctx, expert_out, weights, kept_pairs, row_of_pair):
+        num_tokens, top_k = weights.shape
+        per_pair = _rows_of_pairs(expert_out, row_of_pair).view(num_tokens, top_k, expert_out.shape[-1])  # [T, K, D]
+        out = (per_pair * weights.to(expert_out.dtype).unsqueeze(-1)).sum(dim=1)
+        ctx.save_for_backward(per_pair, weights, kept_pairs)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        per_pair, weights, kept_pairs = ctx.saved_tensors
+        grad_weights = None
+        if ctx.needs_input_grad[1]:
+            grad_weights = torch.einsum("tkd,td->tk", per_pair, grad_out).to(weights.dtype)
+        grad_per_pair = grad_out.unsqueeze(1) * weights.to(grad_out.dtype).unsqueeze(-1)  # [T, K, D]
+        grad_rows = grad_per_pair.view(-1, grad_out.shape[-1]).index_select(0, kept_pairs)
+        return grad_rows, grad_weights, None, None
 
 
 class TopKRouter(nn.Module):
