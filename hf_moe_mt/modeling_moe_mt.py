@@ -731,6 +731,18 @@ class MoEMTForConditionalGeneration(MoEMTPreTrainedModel, GenerationMixin):
         """Used by `DataCollatorForSeq2Seq` to build `decoder_input_ids` in the data pipeline."""
         return shift_tokens_right(labels, self.config.pad_token_id, self.config.decoder_start_token_id)
 
+    @staticmethod
+    def _reorder_cache(cache: Cache, beam_idx: torch.Tensor) -> Cache:
+        """Beam search reorders only the self-attention cache. Beam indices never leave a sentence's group
+        of beams, and every beam of a sentence attends over the same encoder rows, so a row's own
+        cross-attention keys/values are what a reorder would copy in (and what generation without a cache
+        computes); skipping it saves 2 copies of [B·beams, heads, source length, head dim] per layer and step."""
+        if isinstance(cache, EncoderDecoderCache):
+            cache.self_attention_cache.reorder_cache(beam_idx)
+        else:
+            cache.reorder_cache(beam_idx)
+        return cache
+
     @can_return_tuple
     @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     def forward(

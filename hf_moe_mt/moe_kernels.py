@@ -7,6 +7,8 @@ Pure torch (travels with remote code). Three implementations behind one function
   parallelises over experts, and small per-expert GEMMs split across threads waste most of the cores.
 - CPU otherwise: a loop of per-expert GEMMs inside one autograd.Function whose backward writes each
   weight gradient straight into its slice of one [E, …] tensor (no per-expert full-size zero tensors).
+- CPU without autograd (translation): both GEMMs of one expert back to back on one worker thread, so its
+  hidden rows stay in cache and the experts need one pass of the worker pool, not two.
 """
 
 from __future__ import annotations
@@ -51,9 +53,30 @@ def grouped_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation: str) -> torch.
     if _use_grouped_mm(x, w1):
         return _GroupedMMFFN.apply(x, tokens_per_expert, w1, b1, w2, b2, activation)
     counts = tokens_per_expert.tolist()  # host sync; free on CPU
+    if not x.is_cuda and not _needs_autograd(x, w1, b1, w2, b2):
+        return _inference_ffn(x, counts, w1, b1, w2, b2, activation)
     if not x.is_cuda and max(counts) * len(counts) <= PADDED_BMM_MAX_WASTE * x.shape[0]:
         return _padded_bmm_ffn(x, tokens_per_expert, max(counts), w1, b1, w2, b2, activation)
     return _LoopFFN.apply(x, counts, w1, b1, w2, b2, activation)
+
+
+def _needs_autograd(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _inference_ffn(x, counts, w1, b1, w2, b2, activation):
+    """No autograd: each worker runs act(x_e W1_eᵀ + b1_e) W2_eᵀ + b2_e for its experts in one go.
+    Measured at decode size (128 uneven rows, 16 experts, d=512, ffn=2048, 2 cores): 7.8 ms against
+    11.7 ms for the two-pass training loop."""
+    y = x.new_empty(x.shape[0], w2.shape[1])
+
+    def expert_ffn(e: int, lo: int, hi: int) -> None:
+        if hi > lo:
+            hidden = activation_forward(activation, torch.addmm(b1[e], x[lo:hi], w1[e].t()))
+            torch.addmm(b2[e], hidden, w2[e].t(), out=y[lo:hi])
+
+    for_each_expert(expert_ffn, _bounds(counts))
+    return y
 
 
 def _expert_of_row(tokens_per_expert: torch.Tensor, num_rows: int) -> torch.Tensor:

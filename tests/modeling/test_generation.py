@@ -69,3 +69,30 @@ def test_forced_bos_token_starts_every_translation(tiny_model):
                               forced_bos_token_id=7, max_new_tokens=4, num_beams=2)
     assert torch.all(out[:, 0] == tiny_model.config.decoder_start_token_id)
     assert torch.all(out[:, 1] == 7)
+
+
+def test_beam_search_keeps_cross_attention_cache_and_matches_full_reordering(monkeypatch):
+    """Our `_reorder_cache` skips the cross-attention half; transformers' own reorder gives the same beams."""
+    from transformers.cache_utils import EncoderDecoderCache
+
+    from hf_moe_mt import MoEMTForConditionalGeneration
+
+    model, batch = make_model(num_experts_per_tok=2), random_batch(batch_size=4)
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_beams=4,
+                  num_return_sequences=2, output_scores=True, return_dict_in_generate=True,
+                  max_new_tokens=10, min_new_tokens=10)
+    cross_reorders = []
+    real_reorder = EncoderDecoderCache.reorder_cache
+
+    def counting_reorder(cache, beam_idx):
+        cross_reorders.append(beam_idx)
+        real_reorder(cache, beam_idx)
+
+    ours = model.generate(**kwargs)
+    monkeypatch.setattr(EncoderDecoderCache, "reorder_cache", counting_reorder)
+    monkeypatch.delattr(MoEMTForConditionalGeneration, "_reorder_cache")  # transformers' default path
+    full = model.generate(**kwargs)
+    assert len(cross_reorders) >= 9  # the default path really reordered both halves every step
+    assert all(torch.equal(idx.view(4, 4) // 4, torch.arange(4).view(4, 1).expand(4, 4)) for idx in cross_reorders)
+    assert torch.equal(ours.sequences, full.sequences)
+    torch.testing.assert_close(ours.sequences_scores, full.sequences_scores)
