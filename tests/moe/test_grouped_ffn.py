@@ -90,3 +90,18 @@ def test_grouped_ffn_picks_padded_bmm_only_when_padding_waste_is_small(counts, p
     operands = _operands(counts)
     grouped_ffn(*operands, "relu").sum().backward()
     path_spy.assert_only(path)
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("grouping", list(GROUPINGS))
+def test_grouped_ffn_without_autograd_matches_per_row_reference(grouping, activation, monkeypatch):
+    """Translation runs without autograd: the fused per-expert inference path, not the training kernels."""
+    calls = []
+    real = moe_kernels._inference_ffn
+    monkeypatch.setattr(moe_kernels, "_inference_ffn", lambda *args: calls.append(1) or real(*args))
+    operands = _operands(GROUPINGS[grouping])
+    with torch.no_grad():
+        out = grouped_ffn(*operands, activation)
+        ref = _per_row_reference(*operands, activation)
+    assert calls == [1]
+    assert_close_rel(out, ref, name="output")
