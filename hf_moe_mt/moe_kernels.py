@@ -35,14 +35,15 @@ def activation_forward(name: str, h: torch.Tensor) -> torch.Tensor:
 
 
 def activation_backward(name: str, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """d act(h)/dh · grad from the pre-activation h (so the forward need not keep act(h))."""
+    """d act(h)/dh · grad from the pre-activation h (so the forward need not keep act(h)), written over
+    `grad`, which every caller owns: one [rows, ffn] temporary less at the backward's peak."""
     if name == "relu":
-        return torch.ops.aten.threshold_backward(grad, h, 0)
+        return torch.ops.aten.threshold_backward.grad_input(grad, h, 0, grad_input=grad)
     if name == "gelu":
-        return torch.ops.aten.gelu_backward(grad, h)
+        return torch.ops.aten.gelu_backward.grad_input(grad, h, grad_input=grad)
     if name == "gelu_new":
-        return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
-    return torch.ops.aten.silu_backward(grad, h)
+        return torch.ops.aten.gelu_backward.grad_input(grad, h, approximate="tanh", grad_input=grad)
+    return torch.ops.aten.silu_backward.grad_input(grad, h, grad_input=grad)
 
 
 def grouped_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation: str) -> torch.Tensor:

@@ -9,7 +9,9 @@ pass per row: on CPU the torch profiler's allocator events (profile_memory) give
 bytes allocated during one forward+backward above what was live before it (activations, temporaries and
 the parameter gradients; not the parameters or inputs); on CUDA, max_memory_allocated above the same baseline.
 
-Rows (--rows): dense, ours_cf1.25 / ours_cf1.0 / ours_dropless (this layer), deepspeed
+Rows (--rows): dense, floor (this layer's expert GEMMs alone on perfectly balanced groups of T·k/E rows: no
+router, no dispatch — what any grouped-GEMM MoE costs at best with this machine's GEMM library),
+ours_cf1.25 / ours_cf1.0 / ours_dropless (this layer), deepspeed
 (deepspeed.moe.layer.MoE, ep_size=1, cf 1.25, a gloo group of size 1), hf_grouped_mm / hf_eager (transformers'
 experts interface on NemotronHExperts, its non-gated 3-D experts), switch (SwitchTransformersSparseMLP, k=1),
 nllb (NllbMoeSparseMLP, k=2, only E ≤ --nllb-max-experts). hf_eager is off by default (slow).
@@ -53,12 +55,12 @@ from dataclasses import dataclass, field  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from hf_moe_mt.moe import SparseMoE  # noqa: E402
+from hf_moe_mt.moe import GroupedExperts, SparseMoE  # noqa: E402
 
 ANCHOR_CF = 1.25  # DeepSpeed's (and our anchor rows') capacity factor
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ROWS = ("dense", "ours_cf1.25", "ours_cf1.0", "ours_dropless", "deepspeed", "hf_grouped_mm", "hf_eager", "switch",
-        "nllb")
+ROWS = ("dense", "floor", "ours_cf1.25", "ours_cf1.0", "ours_dropless", "deepspeed", "hf_grouped_mm", "hf_eager",
+        "switch", "nllb")
 DEFAULT_ROWS = tuple(r for r in ROWS if r != "hf_eager")
 
 
@@ -146,7 +148,7 @@ def build_rows(args, k: int, num_experts: int) -> list[Row]:
     """Every requested row for one (k, E) point; rows that do not apply at this point are skipped, and
     so are anchor rows that cannot be built here (missing package, no kernel for this device)."""
     builders = {
-        "dense": _dense_row, "ours_cf1.25": _ours_row, "ours_cf1.0": _ours_row, "ours_dropless": _ours_row,
+        "dense": _dense_row, "floor": _floor_row, "ours_cf1.25": _ours_row, "ours_cf1.0": _ours_row, "ours_dropless": _ours_row,
         "deepspeed": _deepspeed_row, "hf_grouped_mm": _hf_experts_row, "hf_eager": _hf_experts_row,
         "switch": _switch_row, "nllb": _nllb_row,
     }
@@ -174,6 +176,23 @@ def _dense_row(args, k, num_experts, name) -> Row:
     act = nn.ReLU() if args.activation == "relu" else nn.GELU()
     module = nn.Sequential(nn.Linear(args.d_model, width), act, nn.Linear(width, args.d_model))
     return Row("dense FFN (width k·ffn)", "–", module, module)
+
+
+def _floor_row(args, k, num_experts, name) -> Row:
+    """GroupedExperts on k copies of the tokens split into equal groups; the k copies are summed back."""
+    module = GroupedExperts(num_experts, args.d_model, args.ffn, args.activation)
+    rows = k * args.tokens
+    counts = torch.full((num_experts,), rows // num_experts, dtype=torch.int64)
+    counts[: rows % num_experts] += 1
+    counts = counts.to(args.device)
+
+    def forward(x):
+        flat = x.reshape(-1, args.d_model)
+        out = module(flat if k == 1 else flat.repeat(k, 1), counts)
+        return (out if k == 1 else out.view(k, -1, args.d_model).sum(0)).view(x.shape)
+
+    return Row("expert GEMMs alone, balanced groups (floor)", "–", module, forward,
+               f"{rows // num_experts} rows per expert; no routing, dispatch or combine")
 
 
 def _ours_row(args, k, num_experts, name) -> Row:
