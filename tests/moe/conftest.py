@@ -3,7 +3,6 @@
 The grouped_mm path is CUDA's in production; torch._grouped_mm also runs on CPU (a slower loop inside
 torch), so forcing it here tests its custom backward in every CI run."""
 
-import math
 import types
 
 import pytest
@@ -46,8 +45,8 @@ class PathSpy:
 
 
 def _force_path(monkeypatch, path: str) -> PathSpy:
-    """An infinite waste budget always pads, a negative one never does; grouped_mm is forced on or off."""
-    monkeypatch.setattr(moe_kernels, "PADDED_BMM_MAX_WASTE", math.inf if path == "padded" else -1.0)
+    """The padded bmm is forced on or off, and so is grouped_mm."""
+    monkeypatch.setattr(moe_kernels, "_prefers_padded_bmm", lambda counts, rows: path == "padded")
     monkeypatch.setattr(moe_kernels, "_use_grouped_mm", lambda x, w1: path == "grouped_mm")
     spy = PathSpy(monkeypatch)
     spy.name = path

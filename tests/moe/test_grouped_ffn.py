@@ -82,14 +82,26 @@ def test_grouped_ffn_weight_grads_of_idle_experts_are_zero(kernel_path):
         assert torch.count_nonzero(p.grad[[1, 3]]) > 0
 
 
-@pytest.mark.parametrize("counts,path", [([4, 4, 4, 4], "padded"), ([5, 5, 5, 4], "padded"), ([5, 4, 4, 4], "loop"), ([13, 1, 1, 1], "loop"),
-                                         ([8, 0, 8, 0], "loop")])
-def test_grouped_ffn_picks_padded_bmm_only_when_padding_waste_is_small(counts, path, path_spy):
-    """E·max(count) ≤ PADDED_BMM_MAX_WASTE·R chooses the padded bmm, anything more skewed the loop."""
-    assert moe_kernels.PADDED_BMM_MAX_WASTE == pytest.approx(1.15)
+@pytest.mark.parametrize("counts,path", [([4, 4, 4, 4], "padded"), ([5, 5, 5, 4], "padded"), ([5, 4, 4, 4], "padded"),
+                                         ([13, 1, 1, 1], "loop"), ([8, 0, 8, 0], "loop")])
+def test_grouped_ffn_runs_the_path_its_cost_rule_picks(counts, path, path_spy):
     operands = _operands(counts)
     grouped_ffn(*operands, "relu").sum().backward()
     path_spy.assert_only(path)
+
+
+@pytest.mark.parametrize("counts,padded", [
+    ([32] * 128, True), ([40] * 100 + [20] * 28, True),  # 32 rows/expert: waste 1.16 within 1.26
+    ([50] + [32] * 127, False),  # waste 1.56
+    ([512] * 8, True), ([584, 537, 524, 518, 536, 482, 466, 449], False),  # 512 rows/expert: waste 1.14 > 1.06
+    ([4] * 16, True), ([5, 4, 4, 4], True), ([13, 1, 1, 1], False),
+])
+def test_padded_bmm_is_chosen_only_within_the_waste_budget_for_its_group_size(counts, padded):
+    """Padding waste E·max/R is bought only while bmm's per-row advantage over the loop covers it."""
+    assert moe_kernels._prefers_padded_bmm(counts, sum(counts)) == padded
+    assert moe_kernels.padded_bmm_waste_budget(32) == pytest.approx(1.26)
+    assert moe_kernels.padded_bmm_waste_budget(512) == pytest.approx(1.06)
+    assert moe_kernels.padded_bmm_waste_budget(4096) == 1.0
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
