@@ -26,6 +26,8 @@ def register(subparsers) -> None:
     translate.add_argument("--num-beams", type=int, default=4)
     translate.add_argument("--batch-size", type=int, default=16)
     translate.add_argument("--max-new-tokens", type=int, default=256)
+    translate.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                           help="bfloat16: ~1.6x faster beam search on CPUs with AVX512-BF16 and on GPUs")
     translate.set_defaults(func=run_translate)
 
     from .quickstart import add_quickstart_parser
@@ -48,7 +50,7 @@ def run_translate(args) -> int:
     from .translate import corpus_bleu, load_translator, translate
 
     lines = _read_lines(args.input)
-    translator = load_translator(args.model, args.src, args.tgt, batch_size=args.batch_size)
+    translator = load_translator(args.model, args.src, args.tgt, batch_size=args.batch_size, dtype=args.dtype)
     hypotheses = translate(translator, lines, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)
     for hypothesis in hypotheses:
         print(hypothesis)

@@ -6,12 +6,22 @@ import os
 from pathlib import Path
 
 import sacrebleu
+import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def load_translator(model_dir: str | os.PathLike, src_lang: str, tgt_lang: str, device: str | None = None,
-                    batch_size: int = 16):
-    """`pipeline("translation")` over an exported folder (or any save_pretrained folder with a tokenizer)."""
+                    batch_size: int = 16, dtype: str = "float32"):
+    """`pipeline("translation")` over an exported folder (or any save_pretrained folder with a tokenizer).
+
+    `dtype="bfloat16"` halves the weights read per decode step; on CPUs with AVX512-BF16 (and on GPUs) beam
+    search then runs ~1.6x faster (measured: d512 6+6 16-expert model, beam 4, 2 cores: 2.79 s -> 1.75 s),
+    with 93 % of the tokens identical to float32 on that random model. The router stays in float32."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPES)}")
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder (no config.json); export one with `hf-moe-mt export`")
@@ -20,7 +30,7 @@ def load_translator(model_dir: str | os.PathLike, src_lang: str, tgt_lang: str, 
         if code not in tokenizer.language_codes:
             raise ValueError(f"language {code!r} is not known to this model; available: "
                              f"{', '.join(tokenizer.language_codes)}")
-    model = AutoModelForSeq2SeqLM.from_pretrained(path)
+    model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=DTYPES[dtype])
     return pipeline("translation", model=model, tokenizer=tokenizer, src_lang=src_lang, tgt_lang=tgt_lang,
                     device=device, batch_size=batch_size)
 

@@ -61,6 +61,22 @@ def test_translation_pipeline_on_exported_folder_returns_one_string_per_line(exp
     assert corpus_bleu(["the house is old"], ["the house is old"]).score == pytest.approx(100.0)
 
 
+def test_bfloat16_translation_loads_bf16_weights_and_matches_float32_greedy_start(exported):
+    texts = ["Guten Morgen.", "Das Haus ist alt und groß."]
+    fp32 = load_translator(exported.output_dir, "de", "en", batch_size=2)
+    bf16 = load_translator(exported.output_dir, "de", "en", batch_size=2, dtype="bfloat16")
+    dtypes = {name: p.dtype for name, p in bf16.model.named_parameters()}
+    assert {d for n, d in dtypes.items() if not n.endswith("mlp.gate.weight")} == {torch.bfloat16}
+    assert {d for n, d in dtypes.items() if n.endswith("mlp.gate.weight")} == {torch.float32}  # router stays fp32
+    hypotheses = translate(bf16, texts, num_beams=2, max_new_tokens=8)
+    assert len(hypotheses) == 2 and all(isinstance(h, str) for h in hypotheses)
+    # The first greedy token of each sentence is robust to bf16 rounding on this model.
+    first = [translate(t, texts, num_beams=1, max_new_tokens=1) for t in (fp32, bf16)]
+    assert first[0] == first[1]
+    with pytest.raises(ValueError, match="use one of float32, bfloat16"):
+        load_translator(exported.output_dir, "de", "en", dtype="float16")
+
+
 def test_translate_rejects_unknown_language_with_the_available_ones(exported):
     with pytest.raises(ValueError, match="available: .*de"):
         load_translator(exported.output_dir, "xx", "en")
