@@ -1,6 +1,6 @@
 """Grouped expert FFN kernels: y_e = act(x_e W1_eᵀ + b1_e) W2_eᵀ + b2_e over rows grouped by expert.
 
-Pure torch (travels with remote code). Three implementations behind one function, `grouped_ffn`:
+Pure torch (travels with remote code). Four paths behind one function, `grouped_ffn`:
 - CUDA: `torch._grouped_mm` for all six GEMMs of forward + backward (weight gradients come out of a
   grouped GEMM in the parameter's own layout; offsets stay on the device, so nothing waits for the GPU).
 - CPU, near-uniform groups (e.g. capacity-limited training): a padded `bmm`, because batched GEMM
@@ -65,10 +65,11 @@ def grouped_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation: str) -> torch.
     if _use_grouped_mm(x, w1):
         return _GroupedMMFFN.apply(x, tokens_per_expert, w1, b1, w2, b2, activation)
     counts = tokens_per_expert.tolist()  # host sync; free on CPU
-    if not x.is_cuda and not _needs_autograd(x, w1, b1, w2, b2):
-        return _inference_ffn(x, counts, w1, b1, w2, b2, activation)
-    if not x.is_cuda and _prefers_padded_bmm(counts, x.shape[0]):
-        return _padded_bmm_ffn(x, tokens_per_expert, max(counts), w1, b1, w2, b2, activation)
+    if not x.is_cuda:
+        if not _needs_autograd(x, w1, b1, w2, b2):
+            return _inference_ffn(x, counts, w1, b1, w2, b2, activation)
+        if _prefers_padded_bmm(counts, x.shape[0]):
+            return _padded_bmm_ffn(x, tokens_per_expert, max(counts), w1, b1, w2, b2, activation)
     return _LoopFFN.apply(x, counts, w1, b1, w2, b2, activation)
 
 

@@ -148,7 +148,8 @@ def build_rows(args, k: int, num_experts: int) -> list[Row]:
     """Every requested row for one (k, E) point; rows that do not apply at this point are skipped, and
     so are anchor rows that cannot be built here (missing package, no kernel for this device)."""
     builders = {
-        "dense": _dense_row, "floor": _floor_row, "ours_cf1.25": _ours_row, "ours_cf1.0": _ours_row, "ours_dropless": _ours_row,
+        "dense": _dense_row, "floor": _floor_row,
+        "ours_cf1.25": _ours_row, "ours_cf1.0": _ours_row, "ours_dropless": _ours_row,
         "deepspeed": _deepspeed_row, "hf_grouped_mm": _hf_experts_row, "hf_eager": _hf_experts_row,
         "switch": _switch_row, "nllb": _nllb_row,
     }
