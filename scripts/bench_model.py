@@ -7,6 +7,9 @@ first alternates), the table reporting the median over rounds:
   AdamW step, zero_grad;
 - translation: sentences per second of beam-4 `generate`, forced to the same number of new tokens in both
   models (`min_new_tokens == max_new_tokens`), so a random model stopping early cannot win.
+  On CPU two more translation rows per round separate the GEMM backend from the rest: ours with every
+  inference GEMM on MKL (`cpu_gemm.use_onednn(False)`, torch's default backend) and NLLB-MoE with its
+  `nn.Linear`s switched to oneDNN like ours — how much of the lead is the backend, how much the model.
 
 Same sizes on both sides: d_model, layers, heads, vocabulary, one FFN width for dense layers and experts, MoE
 in every `--sparse-step`-th layer, `--experts` experts, top-2 (NLLB-MoE's only mode), dropout 0.1, no
@@ -35,11 +38,13 @@ import math  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration  # noqa: E402
 
+from hf_moe_mt import cpu_gemm  # noqa: E402
 from hf_moe_mt.moe import GroupedExperts  # noqa: E402
 
 TARGETS = {"train_tokens_per_s": 3.0, "translate_sentences_per_s": 2.0}
@@ -68,10 +73,28 @@ class Contender:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def translate(self, inputs: dict, beams: int, new_tokens: int) -> None:
+    def translate(self, inputs: dict, beams: int, new_tokens: int, gemm: str = "default") -> None:
+        """gemm: "default" (each model as shipped), "mkl" (ours without oneDNN), "onednn" (NLLB-MoE's
+        nn.Linear forwards routed through cpu_gemm.linear, as ours are)."""
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), cpu_gemm.use_onednn(gemm != "mkl"), _linears_on_onednn(self.model, gemm == "onednn"):
             self.model.generate(**inputs, num_beams=beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+
+@contextmanager
+def _linears_on_onednn(model: torch.nn.Module, enabled: bool):
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear] if enabled else []
+    for module in linears:
+        module.forward = lambda x, module=module: cpu_gemm.linear(x, module.weight, module.bias)
+    try:
+        yield
+    finally:
+        for module in linears:
+            del module.forward
+
+
+# translation rows that separate the GEMM backend from the model: (row name, contender, gemm)
+GEMM_VARIANTS = (("ours, MKL GEMMs", "ours", "mkl"), ("NLLB-MoE, oneDNN GEMMs", "nllb_moe", "onednn"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -97,6 +120,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--beams", type=int, default=4)
     add("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     add("--device", default="cpu")
+    add("--no-gemm-variants", action="store_true", help="skip the two CPU translation rows that swap GEMM backends")
     add("--seed", type=int, default=0)
     add("--json", default=None, help="also write the results to this JSON file")
     if parser.parse_args(argv).quick:  # tiny defaults; flags given explicitly still win
@@ -179,6 +203,9 @@ def run(args) -> dict:
     contenders = build_models(args)
     train_batch, translate_inputs = make_inputs(args)
     train_tokens = 2 * args.batch_size * args.seq_len
+    by_name = {c.name: c for c in contenders}
+    variants = [] if args.no_gemm_variants or args.device != "cpu" else GEMM_VARIANTS
+    variant_results = {row: [] for row, _, _ in variants}
     for contender in contenders:
         for _ in range(args.warmup_steps):
             contender.train_step(train_batch)
@@ -192,6 +219,10 @@ def run(args) -> dict:
         for contender in order:
             seconds = _timed(lambda: contender.translate(translate_inputs, args.beams, args.new_tokens), args.device)
             contender.results["translate_sentences_per_s"].append(args.translate_batch_size / seconds)
+        for row, name, gemm in variants:
+            seconds = _timed(lambda: by_name[name].translate(translate_inputs, args.beams, args.new_tokens, gemm),
+                             args.device)
+            variant_results[row].append(args.translate_batch_size / seconds)
         print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
     # 3.
     medians = {c.name: {metric: statistics.median(values) for metric, values in c.results.items()}
@@ -201,7 +232,9 @@ def run(args) -> dict:
     rows = {c.name: expert_rows_per_token(c, train_batch) for c in contenders}
     return {"args": vars(args), "parameters": parameters, "expert_rows_per_token": rows,
             "per_round": {c.name: c.results for c in contenders},
-            "median": medians, "ratio_ours_over_nllb": ratios, "targets": TARGETS,
+            "median": medians, "ratio_ours_over_nllb": ratios,
+            "translate_gemm_variants": {row: {"per_round": values, "median": statistics.median(values)}
+                                        for row, values in variant_results.items()}, "targets": TARGETS,
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
 
 
@@ -223,6 +256,16 @@ def format_table(report: dict) -> str:
     for metric, target in TARGETS.items():
         lines.append(f"| {metric:<27} | {median['ours'][metric]:>10.1f} | {median['nllb_moe'][metric]:>10.1f} | "
                      f"{ratio[metric]:>5.2f}x | {target:>5.1f}x |")
+    variants = report["translate_gemm_variants"]
+    if variants:
+        ours, nllb = median["ours"]["translate_sentences_per_s"], median["nllb_moe"]["translate_sentences_per_s"]
+        lines += ["", "translation sentences/s by GEMM backend (same rounds; CPU inference GEMMs: ours default oneDNN, "
+                  "NLLB-MoE default MKL):",
+                  f"| {'row':<27} | {'sent/s':>10} | {'÷ NLLB-MoE':>10} | {'÷ ours':>6} |",
+                  f"|{'-' * 29}|{'-' * 12}|{'-' * 12}|{'-' * 8}|"]
+        for row, value in [("ours (oneDNN)", ours), ("NLLB-MoE (MKL)", nllb),
+                           *((row, v["median"]) for row, v in variants.items())]:
+            lines.append(f"| {row:<27} | {value:>10.1f} | {value / nllb:>9.2f}x | {value / ours:>5.2f}x |")
     rows = report["expert_rows_per_token"]
     lines.append(f"expert FFN rows per token and MoE layer (eval forward): ours {rows['ours']:.2f}, "
                  f"NLLB-MoE {rows['nllb_moe']:.2f}")

@@ -4,7 +4,7 @@ x, W1, b1, W2, b2 (custom backwards included), for every activation and uneven /
 import pytest
 import torch
 
-from hf_moe_mt import moe_kernels
+from hf_moe_mt import cpu_gemm, moe_kernels
 from hf_moe_mt.moe_kernels import ACTIVATIONS, grouped_ffn
 
 from .reference import ACTIVATION_FUNCTIONS, assert_close_rel
@@ -104,16 +104,22 @@ def test_padded_bmm_is_chosen_only_within_the_waste_budget_for_its_group_size(co
     assert moe_kernels.padded_bmm_waste_budget(4096) == 1.0
 
 
+@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("grouping", list(GROUPINGS))
-def test_grouped_ffn_without_autograd_matches_per_row_reference(grouping, activation, monkeypatch):
-    """Translation runs without autograd: the fused per-expert inference path, not the training kernels."""
-    calls = []
-    real = moe_kernels._inference_ffn
+def test_grouped_ffn_without_autograd_matches_per_row_reference(grouping, activation, gemm, monkeypatch):
+    """Translation runs without autograd: the fused per-expert inference path, not the training kernels; with
+    oneDNN GEMMs (activation fused) forced at these tiny sizes, or with torch's own."""
+    calls, onednn_calls = [], []
+    real, real_onednn = moe_kernels._inference_ffn, moe_kernels.onednn_linear
     monkeypatch.setattr(moe_kernels, "_inference_ffn", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(moe_kernels, "onednn_linear", lambda *args: onednn_calls.append(1) or real_onednn(*args))
+    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0 if gemm == "onednn" else float("inf"))
     operands = _operands(GROUPINGS[grouping])
     with torch.no_grad():
         out = grouped_ffn(*operands, activation)
         ref = _per_row_reference(*operands, activation)
     assert calls == [1]
+    busy_experts = sum(count > 0 for count in GROUPINGS[grouping])
+    assert len(onednn_calls) == (2 * busy_experts if gemm == "onednn" and cpu_gemm.onednn_enabled() else 0)
     assert_close_rel(out, ref, name="output")
