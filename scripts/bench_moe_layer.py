@@ -9,7 +9,9 @@ pass per row: on CPU the torch profiler's allocator events (profile_memory) give
 bytes allocated during one forward+backward above what was live before it (activations, temporaries and
 the parameter gradients; not the parameters or inputs); on CUDA, max_memory_allocated above the same baseline.
 
-Rows (--rows): dense, floor (this layer's expert GEMMs alone on perfectly balanced groups of T·k/E rows: no
+Rows (--rows): dense (our `cpu_gemm.Linear`: on CPU its GEMMs, forward and backward, run on oneDNN, as
+our experts' do), dense_torch (`nn.Linear`, torch's default GEMMs: MKL on CPU, the same as dense on CUDA),
+floor (this layer's expert GEMMs alone on perfectly balanced groups of T·k/E rows: no
 router, no dispatch — what any grouped-GEMM MoE costs at best with this machine's GEMM library),
 ours_cf1.25 / ours_cf1.0 / ours_dropless (this layer), deepspeed
 (deepspeed.moe.layer.MoE, ep_size=1, cf 1.25, a gloo group of size 1), hf_grouped_mm / hf_eager (transformers'
@@ -55,12 +57,13 @@ from dataclasses import dataclass, field  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from hf_moe_mt import cpu_gemm  # noqa: E402
 from hf_moe_mt.moe import GroupedExperts, SparseMoE  # noqa: E402
 
 ANCHOR_CF = 1.25  # DeepSpeed's (and our anchor rows') capacity factor
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ROWS = ("dense", "floor", "ours_cf1.25", "ours_cf1.0", "ours_dropless", "deepspeed", "hf_grouped_mm", "hf_eager",
-        "switch", "nllb")
+ROWS = ("dense", "dense_torch", "floor", "ours_cf1.25", "ours_cf1.0", "ours_dropless", "deepspeed", "hf_grouped_mm",
+        "hf_eager", "switch", "nllb")
 DEFAULT_ROWS = tuple(r for r in ROWS if r != "hf_eager")
 
 
@@ -148,7 +151,7 @@ def build_rows(args, k: int, num_experts: int) -> list[Row]:
     """Every requested row for one (k, E) point; rows that do not apply at this point are skipped, and
     so are anchor rows that cannot be built here (missing package, no kernel for this device)."""
     builders = {
-        "dense": _dense_row, "floor": _floor_row,
+        "dense": _dense_row, "dense_torch": _dense_row, "floor": _floor_row,
         "ours_cf1.25": _ours_row, "ours_cf1.0": _ours_row, "ours_dropless": _ours_row,
         "deepspeed": _deepspeed_row, "hf_grouped_mm": _hf_experts_row, "hf_eager": _hf_experts_row,
         "switch": _switch_row, "nllb": _nllb_row,
@@ -173,10 +176,14 @@ def build_rows(args, k: int, num_experts: int) -> list[Row]:
 
 
 def _dense_row(args, k, num_experts, name) -> Row:
+    """The ratio anchor: a dense FFN of equal activated FLOPs, on the same GEMMs as ours (cpu_gemm.Linear);
+    dense_torch is the same FFN on torch's own GEMMs, to show what the backend alone is worth."""
     width = k * args.ffn
     act = nn.ReLU() if args.activation == "relu" else nn.GELU()
-    module = nn.Sequential(nn.Linear(args.d_model, width), act, nn.Linear(width, args.d_model))
-    return Row("dense FFN (width k·ffn)", "–", module, module)
+    linear = cpu_gemm.Linear if name == "dense" else nn.Linear
+    module = nn.Sequential(linear(args.d_model, width), act, linear(width, args.d_model))
+    label = "dense FFN (width k·ffn)" if name == "dense" else "dense FFN, torch's nn.Linear GEMMs"
+    return Row(label, "–", module, module)
 
 
 def _floor_row(args, k, num_experts, name) -> Row:
