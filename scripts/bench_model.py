@@ -7,9 +7,10 @@ first alternates), the table reporting the median over rounds:
   AdamW step, zero_grad;
 - translation: sentences per second of beam-4 `generate`, forced to the same number of new tokens in both
   models (`min_new_tokens == max_new_tokens`), so a random model stopping early cannot win.
-  On CPU two more translation rows per round separate the GEMM backend from the rest: ours with every
-  inference GEMM on MKL (`cpu_gemm.use_onednn(False)`, torch's default backend) and NLLB-MoE with its
-  `nn.Linear`s switched to oneDNN like ours — how much of the lead is the backend, how much the model.
+On CPU two more rows per metric and round separate the GEMM backend from the rest: ours with every GEMM on
+MKL (`cpu_gemm.use_onednn(False)`: torch's default backend) and NLLB-MoE with its `nn.Linear`s (experts
+included) switched to oneDNN like ours (`cpu_gemm.linear`, forward and backward) — how much of the lead is
+the backend, how much the model.
 
 Same sizes on both sides: d_model, layers, heads, vocabulary, one FFN width for dense layers and experts, MoE
 in every `--sparse-step`-th layer, `--experts` experts, top-2 (NLLB-MoE's only mode), dropout 0.1, no
@@ -66,34 +67,36 @@ class Contender:
         # fused=True: what the Trainer uses by default (`adamw_torch_fused`); one pass over each parameter
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
 
-    def train_step(self, batch: dict) -> None:
+    def train_step(self, batch: dict, gemm: str = "default") -> None:
         self.model.train()
-        loss = self.model(**batch, **self.extra_forward_kwargs).loss
-        loss.backward()
+        with gemm_backend(self.model, gemm):
+            loss = self.model(**batch, **self.extra_forward_kwargs).loss
+            loss.backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
     def translate(self, inputs: dict, beams: int, new_tokens: int, gemm: str = "default") -> None:
-        """gemm: "default" (each model as shipped), "mkl" (ours without oneDNN), "onednn" (NLLB-MoE's
-        nn.Linear forwards routed through cpu_gemm.linear, as ours are)."""
         self.model.eval()
-        with torch.no_grad(), cpu_gemm.use_onednn(gemm != "mkl"), _linears_on_onednn(self.model, gemm == "onednn"):
+        with torch.no_grad(), gemm_backend(self.model, gemm):
             self.model.generate(**inputs, num_beams=beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
 
 @contextmanager
-def _linears_on_onednn(model: torch.nn.Module, enabled: bool):
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear] if enabled else []
+def gemm_backend(model: torch.nn.Module, gemm: str):
+    """gemm: "default" (each model as shipped), "mkl" (ours with cpu_gemm off), "onednn" (every plain
+    nn.Linear of `model` routed through cpu_gemm.linear, as ours are)."""
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear] if gemm == "onednn" else []
     for module in linears:
         module.forward = lambda x, module=module: cpu_gemm.linear(x, module.weight, module.bias)
     try:
-        yield
+        with cpu_gemm.use_onednn(gemm != "mkl"):
+            yield
     finally:
         for module in linears:
             del module.forward
 
 
-# translation rows that separate the GEMM backend from the model: (row name, contender, gemm)
+# rows that separate the GEMM backend from the model: (row name, contender, gemm)
 GEMM_VARIANTS = (("ours, MKL GEMMs", "ours", "mkl"), ("NLLB-MoE, oneDNN GEMMs", "nllb_moe", "onednn"))
 
 
@@ -120,7 +123,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--beams", type=int, default=4)
     add("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     add("--device", default="cpu")
-    add("--no-gemm-variants", action="store_true", help="skip the two CPU translation rows that swap GEMM backends")
+    add("--no-gemm-variants", action="store_true", help="skip the two CPU rows per metric that swap GEMM backends")
     add("--seed", type=int, default=0)
     add("--json", default=None, help="also write the results to this JSON file")
     if parser.parse_args(argv).quick:  # tiny defaults; flags given explicitly still win
@@ -205,7 +208,7 @@ def run(args) -> dict:
     train_tokens = 2 * args.batch_size * args.seq_len
     by_name = {c.name: c for c in contenders}
     variants = [] if args.no_gemm_variants or args.device != "cpu" else GEMM_VARIANTS
-    variant_results = {row: [] for row, _, _ in variants}
+    variant_results = {row: {metric: [] for metric in TARGETS} for row, _, _ in variants}
     for contender in contenders:
         for _ in range(args.warmup_steps):
             contender.train_step(train_batch)
@@ -220,9 +223,13 @@ def run(args) -> dict:
             seconds = _timed(lambda: contender.translate(translate_inputs, args.beams, args.new_tokens), args.device)
             contender.results["translate_sentences_per_s"].append(args.translate_batch_size / seconds)
         for row, name, gemm in variants:
-            seconds = _timed(lambda: by_name[name].translate(translate_inputs, args.beams, args.new_tokens, gemm),
+            contender = by_name[name]
+            seconds = _timed(lambda: [contender.train_step(train_batch, gemm) for _ in range(args.train_steps)],
                              args.device)
-            variant_results[row].append(args.translate_batch_size / seconds)
+            variant_results[row]["train_tokens_per_s"].append(args.train_steps * train_tokens / seconds)
+            seconds = _timed(lambda: contender.translate(translate_inputs, args.beams, args.new_tokens, gemm),
+                             args.device)
+            variant_results[row]["translate_sentences_per_s"].append(args.translate_batch_size / seconds)
         print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
     # 3.
     medians = {c.name: {metric: statistics.median(values) for metric, values in c.results.items()}
@@ -233,8 +240,9 @@ def run(args) -> dict:
     return {"args": vars(args), "parameters": parameters, "expert_rows_per_token": rows,
             "per_round": {c.name: c.results for c in contenders},
             "median": medians, "ratio_ours_over_nllb": ratios,
-            "translate_gemm_variants": {row: {"per_round": values, "median": statistics.median(values)}
-                                        for row, values in variant_results.items()}, "targets": TARGETS,
+            "gemm_variants": {row: {"per_round": values,
+                                    "median": {metric: statistics.median(v) for metric, v in values.items()}}
+                              for row, values in variant_results.items()}, "targets": TARGETS,
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
 
 
@@ -256,16 +264,17 @@ def format_table(report: dict) -> str:
     for metric, target in TARGETS.items():
         lines.append(f"| {metric:<27} | {median['ours'][metric]:>10.1f} | {median['nllb_moe'][metric]:>10.1f} | "
                      f"{ratio[metric]:>5.2f}x | {target:>5.1f}x |")
-    variants = report["translate_gemm_variants"]
+    variants = report["gemm_variants"]
     if variants:
-        ours, nllb = median["ours"]["translate_sentences_per_s"], median["nllb_moe"]["translate_sentences_per_s"]
-        lines += ["", "translation sentences/s by GEMM backend (same rounds; CPU inference GEMMs: ours default oneDNN, "
-                  "NLLB-MoE default MKL):",
-                  f"| {'row':<27} | {'sent/s':>10} | {'÷ NLLB-MoE':>10} | {'÷ ours':>6} |",
-                  f"|{'-' * 29}|{'-' * 12}|{'-' * 12}|{'-' * 8}|"]
-        for row, value in [("ours (oneDNN)", ours), ("NLLB-MoE (MKL)", nllb),
-                           *((row, v["median"]) for row, v in variants.items())]:
-            lines.append(f"| {row:<27} | {value:>10.1f} | {value / nllb:>9.2f}x | {value / ours:>5.2f}x |")
+        lines += ["", "by GEMM backend (same rounds; on CPU ours runs oneDNN, NLLB-MoE torch's default MKL):",
+                  f"| {'row':<27} | {'train tok/s':>11} | {'÷ NLLB':>6} | {'translate sent/s':>16} | {'÷ NLLB':>6} |",
+                  f"|{'-' * 29}|{'-' * 13}|{'-' * 8}|{'-' * 18}|{'-' * 8}|"]
+        for row, values in [("ours (oneDNN)", median["ours"]), ("NLLB-MoE (MKL)", median["nllb_moe"]),
+                             *((row, v["median"]) for row, v in variants.items())]:
+            train, translate = values["train_tokens_per_s"], values["translate_sentences_per_s"]
+            lines.append(f"| {row:<27} | {train:>11.1f} | {train / median['nllb_moe']['train_tokens_per_s']:>5.2f}x | "
+                         f"{translate:>16.1f} | "
+                         f"{translate / median['nllb_moe']['translate_sentences_per_s']:>5.2f}x |")
     rows = report["expert_rows_per_token"]
     lines.append(f"expert FFN rows per token and MoE layer (eval forward): ours {rows['ours']:.2f}, "
                  f"NLLB-MoE {rows['nllb_moe']:.2f}")

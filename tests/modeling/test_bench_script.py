@@ -19,6 +19,8 @@ def test_bench_model_quick_runs_and_writes_json(tmp_path):
         assert len(report["per_round"]["ours"][metric]) == 1
     assert report["parameters"]["ours"] == report["parameters"]["nllb_moe"]  # same sizes on both sides
     assert report["expert_rows_per_token"]["ours"] == 2.0  # top-2, nothing dropped at eval capacity
-    variants = report["translate_gemm_variants"]  # ours on MKL, NLLB-MoE on oneDNN: measured every round
+    variants = report["gemm_variants"]  # ours on MKL, NLLB-MoE on oneDNN: both metrics measured every round
     assert set(variants) == {row for row, _, _ in bench.GEMM_VARIANTS}
-    assert all(len(v["per_round"]) == 1 and v["median"] > 0 for v in variants.values())
+    for variant in variants.values():
+        assert set(variant["median"]) == set(bench.TARGETS) and min(variant["median"].values()) > 0
+        assert all(len(values) == 1 for values in variant["per_round"].values())
