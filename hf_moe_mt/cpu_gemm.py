@@ -45,7 +45,7 @@ def onednn_enabled() -> bool:
 
 @contextmanager
 def use_onednn(enabled: bool) -> Iterator[None]:
-    """Turn the oneDNN inference GEMMs on or off inside the block (process-wide; for benchmarks and tests)."""
+    """Turn the oneDNN GEMMs on or off inside the block (process-wide; for benchmarks and tests)."""
     global _enabled
     previous, _enabled = _enabled, enabled
     try:
