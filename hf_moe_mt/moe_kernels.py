@@ -19,7 +19,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from .cpu_gemm import onednn_linear, takes_onednn
+from .cpu_gemm import onednn_linear, onednn_weight_grad, takes_onednn
 from .expert_threads import for_each_expert
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
@@ -257,7 +257,7 @@ def _per_expert_weight_grads(bounds, grad_out, inputs, weight, grad_in, parallel
             return
         if takes_onednn(grad_out[lo:hi], weight[e]):  # same FLOPs in all three products
             grad_in[lo:hi] = onednn_linear(grad_out[lo:hi], weight[e].t())
-            grad_weight[e] = onednn_linear(grad_out[lo:hi].t(), inputs[lo:hi].t())
+            grad_weight[e] = onednn_weight_grad(grad_out[lo:hi], inputs[lo:hi])
         else:
             torch.mm(grad_out[lo:hi], weight[e], out=grad_in[lo:hi])
             torch.mm(grad_out[lo:hi].t(), inputs[lo:hi], out=grad_weight[e])

@@ -92,14 +92,23 @@ def test_mixed_dtypes_or_other_devices_are_not_taken():
     assert not cpu_gemm.takes_onednn(x.to("meta"), w.to("meta"), b.to("meta"))
 
 
+def test_bucketed_rows_pads_at_most_an_eighth_onto_few_shapes():
+    assert [cpu_gemm.bucketed_rows(m) for m in (1, 17, 64)] == [1, 17, 64]  # decode sizes stay exact
+    assert [cpu_gemm.bucketed_rows(m) for m in (65, 96, 97, 1000, 1025)] == [72, 96, 104, 1024, 1152]
+    buckets = {cpu_gemm.bucketed_rows(m) for m in range(65, 4097)}
+    assert all(m <= cpu_gemm.bucketed_rows(m) <= m * 1.125 for m in range(1, 5000))
+    assert len(buckets) == 48  # 8 shapes per doubling of the row count, instead of 4032
+
+
 @pytest.mark.parametrize("wanted", ["all", "weight_only", "input_only"])
-def test_training_gradients_match_f_linear_and_run_on_onednn(wanted, onednn_calls):
+@pytest.mark.parametrize("rows", [96, 97])  # 4·97 = 388 rows run padded to 416
+def test_training_gradients_match_f_linear_and_run_on_onednn(wanted, rows, onednn_calls):
     """Forward, dx and dW are three oneDNN GEMMs; the results match F.linear's autograd to float rounding."""
-    x, w, b = _operands(rows=96)
-    x = x.view(4, 24, 512).requires_grad_(wanted in ("all", "input_only"))
+    x, w, b = _operands(rows=4 * rows)
+    x = x.view(4, rows, 512).requires_grad_(wanted in ("all", "input_only"))
     w.requires_grad_(wanted in ("all", "weight_only"))
     b.requires_grad_(wanted == "all")
-    grad_out = torch.randn(4, 24, 256)
+    grad_out = torch.randn(4, rows, 256)
     inputs = [t for t in (x, w, b) if t.requires_grad]
     out = cpu_gemm.linear(x, w, b)
     grads = torch.autograd.grad(out, inputs, grad_out)
