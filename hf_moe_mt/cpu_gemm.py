@@ -5,10 +5,11 @@ path; oneDNN (bundled with every x86 and aarch64 torch build) JIT-compiles AVX-5
 Measured on this project's 2-core AMD EPYC, fp32, one call each: the LM head of beam-4 decoding
 (64 × 512 → 32000) 13.9 ms with MKL vs 6.6 ms with oneDNN; one expert at decode size (64 rows, 512 → 2048 →
 512) 1.82 vs 0.80 ms; 1 row 0.110 vs 0.091 ms. Results agree to float rounding (≤ 2e-4 absolute on
-unit-scale 512-term dot products). bf16 already goes to oneDNN inside torch, so nothing changes there.
+unit-scale 512-term dot products). bf16 goes to oneDNN inside torch too where the CPU has AVX-512; this
+module takes bf16 only there.
 
 oneDNN's `_linear_pointwise` has no autograd formula: in training `linear` runs it inside `_OneDNNLinear`,
-whose backward computes dx and dW on oneDNN as well. Everywhere else — CUDA, CPU autocast, torch.compile
+whose backward computes dx and dW on oneDNN as well (once: a double backward raises). Everywhere else — CUDA, CPU autocast, torch.compile
 (inductor picks its own kernels), dtypes oneDNN does not take, tiny products — `linear` is exactly `F.linear`.
 `HF_MOE_MT_ONEDNN=0` in the environment, or `use_onednn(False)`, turns it off (e.g. to compare on an Intel
 CPU, where MKL is fast).
@@ -24,18 +25,22 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 # oneDNN post-op (name, algorithm) that computes each activation fused into the GEMM; same names as moe_kernels.
 FUSED_ACTIVATIONS = {"relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"),
                       "silu": ("swish", "")}
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+_available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# bf16 only where torch itself sends bf16 GEMMs to oneDNN (AVX-512 and up); elsewhere oneDNN's bf16 is slow.
+_bf16_supported = _available and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and \
+    torch.ops.mkldnn._is_mkldnn_bf16_supported()
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _bf16_supported else (torch.float32,)
 # oneDNN costs ~10-20 us more per call than MKL; below this many FLOPs (2·rows·in·out) MKL is as fast or faster.
 # Measured crossover, 1 and 2 threads: 2.1e6 (1×512→2048: 0.93x, 16×256→256: 0.99x), 4.2e6 (8×512→512:
 # 1.07-1.20x), 8.4e6 (4×512→2048: 1.39x, 64×256→256: 1.30x).
 MIN_FLOPS = 4e6
 
-_available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _enabled = os.environ.get("HF_MOE_MT_ONEDNN", "1") != "0"
 
 
@@ -56,13 +61,15 @@ def use_onednn(enabled: bool) -> Iterator[None]:
 
 def takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
     """Whether oneDNN should compute x·weightᵀ + bias: CPU, fp32/bf16 throughout, no CPU autocast (which
-    would want the product in its own dtype), not inside torch.compile, and large enough to repay oneDNN's
+    would want the product in its own dtype; autocast is per thread, so the expert workers do not see the
+    caller's — their GEMMs run in the tensors' own dtype, as they always did), not inside torch.compile
+    (checked first: a shape test there would add a guard and recompile), and large enough to repay oneDNN's
     per-call overhead. Gradients are fine: `linear` then runs it inside `_OneDNNLinear`."""
-    if not (_enabled and _available) or x.device.type != "cpu" or 2 * x.numel() * weight.shape[0] < MIN_FLOPS:
+    if torch.compiler.is_compiling() or not (_enabled and _available) or x.device.type != "cpu":
         return False
     if x.dtype not in _ONEDNN_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return False
-    return not (torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling())
+    return 2 * x.numel() * weight.shape[0] >= MIN_FLOPS and not torch.is_autocast_enabled("cpu")
 
 
 def bucketed_rows(rows: int) -> int:
@@ -114,19 +121,23 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        ctx.save_for_backward(x, weight)
+        # like F.linear's autograd: x only if W needs a gradient, W only if x does (frozen-weight fine-tuning)
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight if ctx.needs_input_grad[0] else None)
         ctx.has_bias = bias is not None
         return onednn_linear(x, weight, bias)
 
     @staticmethod
+    @once_differentiable  # the oneDNN op has no derivative: a double backward must fail, not come out wrong
     def backward(ctx, grad_out):
         x, weight = ctx.saved_tensors
-        grad_rows, x_rows = grad_out.reshape(-1, grad_out.shape[-1]), x.reshape(-1, x.shape[-1])
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_weight = grad_bias = None
-        on_onednn = takes_onednn(grad_rows, weight.t())  # dx and dW have the forward's FLOPs
         if ctx.needs_input_grad[0]:
-            grad_x = (onednn_linear(grad_rows, weight.t()) if on_onednn else grad_rows @ weight).view(x.shape)
+            grad_x = onednn_linear(grad_rows, weight.t()) if takes_onednn(grad_rows, weight.t()) else grad_rows @ weight
+            grad_x = grad_x.view(*grad_out.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1]:
+            x_rows = x.reshape(-1, x.shape[-1])
+            on_onednn = takes_onednn(x_rows, grad_rows.t())  # dW has the forward's FLOPs
             grad_weight = onednn_weight_grad(grad_rows, x_rows) if on_onednn else grad_rows.t() @ x_rows
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_bias = grad_rows.sum(0)

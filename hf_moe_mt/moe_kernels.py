@@ -255,7 +255,7 @@ def _per_expert_weight_grads(bounds, grad_out, inputs, weight, grad_in, parallel
             grad_weight[e].zero_()
             grad_bias[e].zero_()
             return
-        if takes_onednn(grad_out[lo:hi], weight[e]):  # same FLOPs in all three products
+        if takes_onednn(grad_out[lo:hi], weight[e].t()):  # rows·O·I, the FLOPs of all three products
             grad_in[lo:hi] = onednn_linear(grad_out[lo:hi], weight[e].t())
             grad_weight[e] = onednn_weight_grad(grad_out[lo:hi], inputs[lo:hi])
         else:

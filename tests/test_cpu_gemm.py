@@ -122,6 +122,23 @@ def test_training_gradients_match_f_linear_and_run_on_onednn(wanted, rows, onedn
     assert len(onednn_calls) == gemms
 
 
+def test_double_backward_is_refused_not_wrong():
+    x, w, b = _operands()
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    (grad_x,) = torch.autograd.grad(cpu_gemm.linear(x, w, b).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad_x.sum().backward()
+
+
+def test_frozen_weight_keeps_no_activation_for_the_backward():
+    """Like F.linear: x is saved only when W needs a gradient (frozen-weight fine-tuning saves memory)."""
+    x, w, b = _operands()
+    out = cpu_gemm.linear(x.requires_grad_(True), w, b)
+    saved_x, saved_w = out.grad_fn.saved_tensors
+    assert saved_x is None and saved_w is w
+
+
 def test_linear_module_is_an_nn_linear_that_trains_like_one(onednn_calls):
     torch.manual_seed(0)
     ours = cpu_gemm.Linear(512, 256)

@@ -75,8 +75,9 @@ def test_reentrant_checkpointing_is_refused_with_one_line_error():
 
 @pytest.mark.skipif(not cpu_gemm.onednn_enabled(), reason="torch built without oneDNN")
 def test_onednn_linears_give_the_same_loss_and_gradients_as_torchs_own(monkeypatch):
-    """Every Linear (attention, dense FFN, LM head) forced onto oneDNN at these tiny sizes, forward and backward:
-    loss and every parameter's gradient equal torch's GEMMs to float rounding (routing is unchanged)."""
+    """Every Linear (attention, dense FFN, LM head) and the experts forced onto oneDNN at these tiny sizes,
+    forward and backward (the experts then run the per-expert loop instead of the padded bmm): loss and every
+    parameter's gradient equal torch's GEMMs to float rounding (routing is unchanged)."""
     model, batch = make_model(num_experts_per_tok=2).train(), random_batch()
     shapes, real = [], cpu_gemm.onednn_linear
     monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)

@@ -99,6 +99,22 @@ def test_grouped_ffn_runs_the_loop_whenever_its_gemms_go_to_onednn(counts, path_
     path_spy.assert_only("loop_onednn")
 
 
+@pytest.mark.skipif(not cpu_gemm.onednn_enabled(), reason="torch built without oneDNN")
+def test_expert_backward_sizes_its_gemms_by_rows_times_in_times_out(monkeypatch):
+    """W [O=16, I=64], 4 rows: each backward GEMM is 2·4·16·64 = 8192 FLOPs (not 2·4·16·16 = 2048)."""
+    calls, real = [], moe_kernels.onednn_linear
+    monkeypatch.setattr(moe_kernels, "onednn_linear", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 4096)
+    gen = torch.Generator().manual_seed(0)
+    weight, grad_out, inputs = torch.randn(1, 16, 64, generator=gen), torch.randn(4, 16), torch.randn(4, 64)
+    grad_in = torch.empty(4, 64)
+    grad_weight, grad_bias = moe_kernels._per_expert_weight_grads([(0, 4)], grad_out, inputs, weight, grad_in, False)
+    assert calls == [1]  # dx on oneDNN (dW goes through onednn_weight_grad)
+    torch.testing.assert_close(grad_in, grad_out @ weight[0])
+    torch.testing.assert_close(grad_weight[0], grad_out.t() @ inputs)
+    torch.testing.assert_close(grad_bias[0], grad_out.sum(0))
+
+
 @pytest.mark.parametrize("counts,padded", [
     ([32] * 128, True), ([40] * 100 + [20] * 28, True),  # 32 rows/expert: waste 1.16 within 1.26
     ([50] + [32] * 127, False),  # waste 1.56
