@@ -132,9 +132,8 @@ class _OneDNNLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = onednn_linear(grad_rows, weight.t()) if takes_onednn(grad_rows, weight.t()) else grad_rows @ weight
-            grad_x = grad_x.view(*grad_out.shape[:-1], weight.shape[1])
+        if ctx.needs_input_grad[0]:  # dx = dy W, as a linear with weight Wᵀ (grad mode is off in here)
+            grad_x = linear(grad_rows, weight.t()).view(*grad_out.shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[1]:
             x_rows = x.reshape(-1, x.shape[-1])
             on_onednn = takes_onednn(x_rows, grad_rows.t())  # dW has the forward's FLOPs
@@ -144,11 +143,16 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op on these tensors (None skipped) must record a graph."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, on oneDNN where it applies (with a oneDNN backward when a gradient is wanted)."""
     if not takes_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+    if needs_autograd(x, weight, bias):
         return _OneDNNLinear.apply(x, weight, bias)
     return onednn_linear(x, weight, bias)
 

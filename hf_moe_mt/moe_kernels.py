@@ -19,7 +19,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from .cpu_gemm import onednn_linear, onednn_weight_grad, takes_onednn
+from .cpu_gemm import needs_autograd, onednn_linear, onednn_weight_grad, takes_onednn
 from .expert_threads import for_each_expert
 
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
@@ -75,15 +75,11 @@ def grouped_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation: str) -> torch.
         return _GroupedMMFFN.apply(x, tokens_per_expert, w1, b1, w2, b2, activation)
     counts = tokens_per_expert.tolist()  # host sync; free on CPU
     if not x.is_cuda:
-        if not _needs_autograd(x, w1, b1, w2, b2):
+        if not needs_autograd(x, w1, b1, w2, b2):
             return _inference_ffn(x, counts, w1, b1, w2, b2, activation)
         if not _loop_runs_on_onednn(x, counts, w1) and _prefers_padded_bmm(counts, x.shape[0]):
             return _padded_bmm_ffn(x, tokens_per_expert, max(counts), w1, b1, w2, b2, activation)
     return _LoopFFN.apply(x, counts, w1, b1, w2, b2, activation)
-
-
-def _needs_autograd(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _inference_ffn(x, counts, w1, b1, w2, b2, activation):
