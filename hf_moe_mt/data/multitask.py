@@ -27,8 +27,8 @@ _TASK_SEED = {TRANSLATION: 0, DENOISING: 1}
 
 @dataclass
 class MultitaskConfig:
-    """How many examples, which mix, which noise. `num_examples` defaults to twice the train pairs
-    (each pair about once per direction, before the denoising share is taken out)."""
+    """How many examples, which mix, which noise. `num_examples` defaults to the train pairs times the
+    directions (each pair about once per direction, before the denoising share is taken out)."""
 
     num_examples: int | None = None
     denoising_ratio: float = 0.25  # share of examples from the denoising task (0 = translation only)
@@ -129,26 +129,31 @@ def denoising_batch(batch: dict, indices: list[int], tokenizer, config: Multitas
 
 
 def evaluation_batch(batch: dict, indices: list[int], tokenizer, config: MultitaskConfig) -> dict:
-    """Batched map function for held-out splits: every pair once in each direction, no sampling, plus
-    the raw texts (`tgt_text` is the reference for BLEU; decoded labels are NFKC-normalised)."""
-    swapped = {"src_lang": "tgt_lang", "tgt_lang": "src_lang", "src_text": "tgt_text", "tgt_text": "src_text"}
-    both = {column: [*batch[column], *batch[other]] for column, other in swapped.items()}
-    examples = translation_batch(both, [*indices, *indices], tokenizer, replace(config, both_directions=False))
-    return {**examples, "src_text": both["src_text"], "tgt_text": both["tgt_text"]}
+    """Batched map function for held-out splits: every pair once in each direction (only as stored when the
+    model trains one direction, `config.both_directions=False`), no sampling, plus the raw texts (`tgt_text`
+    is the reference for BLEU; decoded labels are NFKC-normalised)."""
+    columns = {"src_lang": "tgt_lang", "tgt_lang": "src_lang", "src_text": "tgt_text", "tgt_text": "src_text"}
+    if config.both_directions:
+        batch = {column: [*batch[column], *batch[other]] for column, other in columns.items()}
+        indices = [*indices, *indices]
+    examples = translation_batch(batch, indices, tokenizer, replace(config, both_directions=False))
+    return {**examples, "src_text": batch["src_text"], "tgt_text": batch["tgt_text"]}
 
 
 def build_translation_eval_dataset(
     corpus: datasets.DatasetDict, tokenizer, split: str = "validation", config: MultitaskConfig | None = None
 ) -> datasets.Dataset:
-    """`corpus[split]` as translation examples, each pair in both directions exactly once (2 rows per pair),
-    in corpus order: the eval_dataset for Seq2SeqTrainer and the source/reference texts for BLEU."""
+    """`corpus[split]` as translation examples, each pair in both directions exactly once (2 rows per pair; 1 row,
+    as stored, when `config.both_directions` is False), in corpus order: the eval_dataset for Seq2SeqTrainer
+    and the source/reference texts for BLEU."""
     config = config or MultitaskConfig()
     return _map(corpus[split], evaluation_batch, tokenizer, config, f"{split} examples")
 
 
 def split_counts(config: MultitaskConfig, num_pairs: int, num_monolingual: int) -> tuple[int, int]:
     """(translation, denoising) example counts for the configured total and ratio."""
-    total = config.num_examples if config.num_examples is not None else 2 * num_pairs
+    directions = 2 if config.both_directions else 1
+    total = config.num_examples if config.num_examples is not None else directions * num_pairs
     num_denoising = round(total * config.denoising_ratio)
     if num_denoising and not num_monolingual:
         raise ValueError("denoising_ratio > 0 needs a 'monolingual' split (hf-moe-mt data build makes one)")

@@ -56,12 +56,15 @@ class DataConfig:
     tokenizer_vocab_size: int = 8000
     tokenizer_model: str = "bpe"
     denoising_ratio: float = 0.25  # share of mBART-style denoising examples (0 = translation only)
+    both_directions: bool = True  # X→Y and Y→X; false: only as the corpus stores pairs (X→pivot)
     temperature: float = 5.0  # language sampling ∝ n^(1/T)
     num_examples: int | None = None  # training examples drawn (default: 2 × train pairs)
     max_source_length: int = 128
     max_target_length: int = 128
     eval_examples: int | None = None  # dev-loss examples (validation pairs, both directions); None = all
     num_proc: int | None = None
+    max_tokens: int | None = None  # tokens per device batch, similar lengths together (then
+                                   # training.per_device_train_batch_size is unused); None = fixed sentence count
 
 
 @dataclass

@@ -205,8 +205,9 @@ def build_datasets(config: TrainConfig, corpus, tokenizer, args):
 
     data = config.data
     multitask = MultitaskConfig(num_examples=data.num_examples, denoising_ratio=data.denoising_ratio,
-                                temperature=data.temperature, max_source_length=data.max_source_length,
-                                max_target_length=data.max_target_length, seed=args.seed, num_proc=data.num_proc)
+                                both_directions=data.both_directions, temperature=data.temperature,
+                                max_source_length=data.max_source_length, max_target_length=data.max_target_length,
+                                seed=args.seed, num_proc=data.num_proc)
     with args.main_process_first(desc="multitask examples", local=False):
         train = build_multitask_dataset(corpus, tokenizer, multitask)
         dev = build_translation_eval_dataset(corpus, tokenizer, "validation", multitask) if len(
@@ -216,6 +217,8 @@ def build_datasets(config: TrainConfig, corpus, tokenizer, args):
             raise ValueError("evaluation is requested but the corpus has no validation pairs; build the corpus "
                              "with held-out pairs or set training.eval_strategy=no and evaluation.bleu_steps=0")
         return train, None, None
+    # The split is stored language by language: a seeded shuffle makes any prefix cover every direction.
+    dev = dev.shuffle(seed=args.seed)
     dev_loss = dev.select(range(min(len(dev), data.eval_examples or len(dev))))
     bleu_rows = dev.select(range(min(len(dev), config.evaluation.bleu_examples)))
     return train, dev_loss, bleu_rows
@@ -246,7 +249,8 @@ def run_training(config: TrainConfig, resume: str | bool | None = None, callback
     # 6.
     trainer = MoESeq2SeqTrainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
                                 data_collator=MultitaskCollator(tokenizer), processing_class=tokenizer,
-                                callbacks=list(callbacks), expert_parallel_size=ep_size)
+                                callbacks=list(callbacks), expert_parallel_size=ep_size,
+                                max_tokens=config.data.max_tokens)
     if config.evaluation.plots:
         trainer.add_callback(TrainingPlotsCallback(trainer.router_metrics))
     if config.evaluation.bleu_steps:

@@ -90,10 +90,12 @@ class MoESeq2SeqTrainer(Seq2SeqTrainer):
     """`Seq2SeqTrainer` for MoE models; see the module docstring. Extra argument: `expert_parallel_size`
     (default: `model.config.expert_parallel_size`). `router_metrics` holds the routing statistics."""
 
-    def __init__(self, model=None, args=None, *trainer_args, expert_parallel_size: int | None = None, **kwargs):
+    def __init__(self, model=None, args=None, *trainer_args, expert_parallel_size: int | None = None,
+                 max_tokens: int | None = None, **kwargs):
         if args is None:
             args = Seq2SeqTrainingArguments(output_dir="trainer_output")
         check_label_smoothing(args.label_smoothing_factor)
+        self.max_tokens = max_tokens
         self.expert_parallel_groups = setup_expert_parallelism(model, args, expert_parallel_size)
         super().__init__(model, args, *trainer_args, **kwargs)
         self.router_metrics = RouterMetrics(self.model)
@@ -106,6 +108,25 @@ class MoESeq2SeqTrainer(Seq2SeqTrainer):
     @property
     def expert_parallel_size(self) -> int:
         return 1 if self.expert_parallel_groups is None else self.expert_parallel_groups.ep_size
+
+    # ------------------------------------------------------------------ data
+
+    def get_train_dataloader(self):
+        """With `max_tokens`: batches of similar-length examples holding about `max_tokens` tokens per device
+        (`hf_moe_mt.data.TokenBatchSampler`); `per_device_train_batch_size` is then unused. accelerate shards
+        the batches over processes, and the Trainer's `set_epoch` reaches the sampler."""
+        if self.max_tokens is None:
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        from ..data.batching import TokenBatchSampler, example_lengths
+
+        dataset = self._remove_unused_columns(self.train_dataset, description="Training")
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        sampler = TokenBatchSampler(example_lengths(dataset), self.max_tokens, seed=seed)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
+                            num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
+        return self.accelerator.prepare(loader)
 
     # ------------------------------------------------------------------ optimizer and gradients
 
