@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "train":  # a steady-state loop: keep freed memory (runtime.py; HF_MOE_MT_KEEP_FREED_MEMORY=0 opts out)
-        keep_freed_memory()
+    if args.command in ("train", "quickstart"):  # steady-state training loops: keep freed memory (runtime.py;
+        keep_freed_memory()                      # HF_MOE_MT_KEEP_FREED_MEMORY=0 opts out)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

@@ -1,18 +1,23 @@
 """`hf-moe-mt quickstart`: the whole job end to end on the bundled default, as library calls —
-build the offline Bible corpus → train a tiny MoE (configs/tiny.yaml) → export an HF folder →
+build the offline Bible corpus → train a small MoE (configs/quickstart.yaml) → export an HF folder →
 translate the held-out test books with pipeline("translation") and score them with sacrebleu.
 
-Outputs under --output: train/ (corpus, tokenizer, checkpoints, plots, final model), model/ (the
-exported folder), quickstart.json (BLEU per direction + sample translations).
+Outputs under --output: train/ (corpus, tokenizer, checkpoints, plots, final model), model/ (the exported
+folder), quickstart.json (BLEU and chrF per direction, sample translations, stage timings).
+Interrupted? Run the same command again: it continues from the last checkpoint (a finished training or export
+is kept), so a rerun never starts over; --overwrite does.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
-CONFIG_NAME = "tiny.yaml"
+CONFIG_NAME = "quickstart.yaml"
+SETTINGS_FILE, REPORT_FILE = "quickstart_settings.json", "quickstart.json"
+NUM_SAMPLES = 3
 
 
 def packaged_config(name: str = CONFIG_NAME) -> Path:
@@ -22,11 +27,11 @@ def packaged_config(name: str = CONFIG_NAME) -> Path:
 
 def add_quickstart_parser(subparsers) -> None:
     parser = subparsers.add_parser(
-        "quickstart", help="build corpus → train a tiny MoE → export → translate + BLEU (minutes on a CPU)")
+        "quickstart", help="build corpus → train a small MoE → export → translate + BLEU/chrF (minutes on a CPU)")
     parser.add_argument("--output", default="runs/quickstart", help="directory for every output")
     parser.add_argument("--config", default=None, help=f"training YAML (default: the packaged {CONFIG_NAME})")
     parser.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
-    parser.add_argument("--test-sentences", type=int, default=50, help="test pairs translated per direction")
+    parser.add_argument("--test-sentences", type=int, default=200, help="test pairs translated per direction")
     parser.add_argument("--overwrite", action="store_true", help="delete a previous quickstart in --output first")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="extra training config overrides")
     parser.set_defaults(func=run_quickstart_command)
@@ -35,56 +40,115 @@ def add_quickstart_parser(subparsers) -> None:
 def run_quickstart_command(args) -> int:
     report = run_quickstart(args.output, config=args.config, max_steps=args.max_steps,
                             test_sentences=args.test_sentences, overwrite=args.overwrite, overrides=args.overrides)
-    print(json.dumps({key: report[key] for key in ("model_dir", "bleu")}, indent=1))
+    print(format_report(report))
     return 0
 
 
 def run_quickstart(output: str | os.PathLike, *, config: str | None = None, max_steps: int | None = None,
-                   test_sentences: int = 50, overwrite: bool = False, overrides: list[str] = ()) -> dict:
-    """1. train (builds corpus + tokenizer)  2. export  3. translate the test split into English + BLEU."""
+                   test_sentences: int = 200, overwrite: bool = False, overrides: list[str] = ()) -> dict:
+    """1. train (builds corpus + tokenizer; resumes a run a previous call left unfinished)  2. export  3. translate
+    the test books into English, BLEU + chrF  4. write quickstart.json."""
     from ..training.config import load_train_config
-    from ..training.run import run_training
-    from .export import export_model
 
     root = Path(output)
-    _prepare_output(root, overwrite)
+    settings = {"config": str(config or packaged_config()), "max_steps": max_steps, "overrides": list(overrides),
+                "test_sentences": test_sentences}
+    _prepare_output(root, settings, overwrite)
     extra = [f"training.output_dir={root / 'train'}"] + ([f"training.max_steps={max_steps}"] if max_steps else [])
-    train_config = load_train_config(str(config or packaged_config()), [*extra, *overrides])
+    train_config = load_train_config(settings["config"], [*extra, *overrides])
+    seconds = {}
     # 1.
-    summary = run_training(train_config)
+    start = time.perf_counter()
+    summary = _train_or_resume(train_config)
+    seconds["train"] = time.perf_counter() - start
     # 2.
-    exported = export_model(summary["model_dir"], root / "model", root / "train" / "tokenizer")
+    start = time.perf_counter()
+    model_dir = _export_once(root, summary)
+    seconds["export"] = time.perf_counter() - start
     # 3.
-    bleu, samples = evaluate_test_split(exported.output_dir, root / "train" / "corpus", test_sentences)
-    report = {"model_dir": str(exported.output_dir), "bleu": bleu, "samples": samples,
-              "train": {key: summary.get(key) for key in ("global_step", "train_loss", "eval_loss")}}
-    (root / "quickstart.json").write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+    start = time.perf_counter()
+    scores, samples = evaluate_test_split(model_dir, root / "train" / "corpus", test_sentences)
+    seconds["evaluate"] = time.perf_counter() - start
+    # 4.
+    report = {"model_dir": str(model_dir), "scores": scores, "samples": samples,
+              "train": {key: summary.get(key) for key in ("global_step", "train_loss", "eval_loss")},
+              "seconds": {stage: round(value, 1) for stage, value in seconds.items()}}
+    (root / REPORT_FILE).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     return report
 
 
+def _train_or_resume(train_config) -> dict:
+    """A finished training is read back; a run with checkpoints continues from the last complete one."""
+    from ..training.checkpoints import last_complete_checkpoint
+    from ..training.run import SUMMARY_FILE, run_training
+
+    summary_file = Path(train_config.output_dir) / SUMMARY_FILE
+    if summary_file.is_file():
+        return json.loads(summary_file.read_text())
+    resume = last_complete_checkpoint(train_config.output_dir) is not None
+    return run_training(train_config, resume=resume or None)
+
+
+def _export_once(root: Path, summary: dict) -> Path:
+    from .export import export_model
+
+    model_dir = root / "model"
+    if (model_dir / "config.json").is_file():  # export renames a verified folder into place: it is complete
+        return model_dir
+    return export_model(summary["model_dir"], model_dir, root / "train" / "tokenizer").output_dir
+
+
 def evaluate_test_split(model_dir: Path, corpus_dir: Path, per_direction: int) -> tuple[dict, dict]:
-    """BLEU of X→en on the first `per_direction` test pairs of every language, and one sample each."""
+    """BLEU and chrF of X→en on the first `per_direction` test pairs of every language, and a few samples."""
+    import sacrebleu
+
     from ..data import load_corpus
-    from .translate import corpus_bleu, load_translator, translate
+    from .translate import load_translator, translate
 
     test = load_corpus(str(corpus_dir))["test"]
-    bleu, samples = {}, {}
+    scores, samples = {}, {}
     for language in sorted(set(test["src_lang"])):
-        rows = test.filter(lambda row, lang=language: row["src_lang"] == lang).select(
-            range(min(per_direction, sum(1 for code in test["src_lang"] if code == language))))
+        rows = test.filter(lambda row, lang=language: row["src_lang"] == lang)
+        rows = rows.select(range(min(per_direction, len(rows))))
         translator = load_translator(model_dir, language, "en")
-        hypotheses = translate(translator, rows["src_text"], num_beams=4, max_new_tokens=64)
-        bleu[f"{language}-en"] = round(corpus_bleu(hypotheses, rows["tgt_text"]).score, 2)
-        samples[f"{language}-en"] = {"source": rows["src_text"][0], "reference": rows["tgt_text"][0],
-                                     "translation": hypotheses[0]}
-    return bleu, samples
+        hypotheses = translate(translator, rows["src_text"])
+        references = [list(rows["tgt_text"])]
+        scores[f"{language}-en"] = {"bleu": round(sacrebleu.corpus_bleu(hypotheses, references).score, 2),
+                                    "chrf": round(sacrebleu.corpus_chrf(hypotheses, references).score, 2)}
+        samples[f"{language}-en"] = [
+            {"source": source, "reference": reference, "translation": hypothesis}
+            for source, reference, hypothesis in list(zip(rows["src_text"], rows["tgt_text"], hypotheses))[:NUM_SAMPLES]]
+    return scores, samples
 
 
-def _prepare_output(root: Path, overwrite: bool) -> None:
-    if root.exists() and any(root.iterdir()):
-        if not overwrite:
-            raise ValueError(f"{root} is not empty; pass --overwrite to start the quickstart again there")
+def format_report(report: dict) -> str:
+    """The scores table and the sample translations, as the quickstart prints them."""
+    lines = [f"model: {report['model_dir']}", "", f"{'direction':<10} {'BLEU':>6} {'chrF':>6}"]
+    for direction, score in report["scores"].items():
+        lines.append(f"{direction:<10} {score['bleu']:>6.1f} {score['chrf']:>6.1f}")
+    for direction, samples in report["samples"].items():
+        lines.append(f"\n{direction}")
+        for sample in samples:
+            lines += [f"  source      {sample['source']}", f"  reference   {sample['reference']}",
+                      f"  translation {sample['translation']}", ""]
+    timings = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in report["seconds"].items())
+    return "\n".join([*lines, timings])
+
+
+def _prepare_output(root: Path, settings: dict, overwrite: bool) -> None:
+    """A fresh or empty directory, or one of an earlier quickstart with the same settings (which then continues)."""
+    settings_file = root / SETTINGS_FILE
+    if overwrite and root.exists():
         import shutil
 
         shutil.rmtree(root)
+    if root.exists() and any(root.iterdir()):
+        if not settings_file.is_file():
+            raise ValueError(f"{root} is not empty and holds no quickstart; choose another --output or pass --overwrite")
+        previous = json.loads(settings_file.read_text())
+        if previous != settings:
+            raise ValueError(f"{root} holds a quickstart with other settings ({previous}); rerun with those to "
+                             "continue it, or pass --overwrite to start over")
+        return
     root.mkdir(parents=True, exist_ok=True)
+    settings_file.write_text(json.dumps(settings, indent=1) + "\n")
