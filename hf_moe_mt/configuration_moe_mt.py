@@ -36,6 +36,10 @@ class MoEMTConfig(PreTrainedConfig):
       always built with all experts, parallelism is applied from outside.
     - `position_embedding_type`: "sinusoidal" (M2M100's table, no parameters) or "learned".
     - `activation_dropout` applies inside dense FFNs only; the experts of `hf_moe_mt.moe.SparseMoE` have none.
+    - `embedding_init_std`: std of the token embedding at initialisation (None = `init_std`, as M2M100). With
+      `scale_embedding` the model reads embedding·√d_model, so `d_model**-0.5` (fairseq's transformer) makes token
+      vectors unit-scale, as large as the sinusoidal positions; 0.02 makes them √d·0.02 (0.32 at d_model=256),
+      and small models then take longer to use token identity.
     """
 
     model_type = "moe_mt"
@@ -87,6 +91,7 @@ class MoEMTConfig(PreTrainedConfig):
     attention_dropout: float = 0.0
     activation_dropout: float = 0.0
     init_std: float = 0.02
+    embedding_init_std: float | None = None
     # generation and special tokens
     use_cache: bool = True
     is_encoder_decoder: bool = True
@@ -152,6 +157,8 @@ class MoEMTConfig(PreTrainedConfig):
             (self.router_aux_loss_coef >= 0, f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0"),
             (self.router_z_loss_coef >= 0, f"router_z_loss_coef={self.router_z_loss_coef} must be >= 0"),
             (0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing} must be in [0, 1)"),
+            (self.embedding_init_std is None or self.embedding_init_std > 0,
+             f"embedding_init_std={self.embedding_init_std} must be positive (or null for init_std)"),
             (isinstance(self.pad_token_id, int), f"pad_token_id={self.pad_token_id!r} must be set (an integer id)"),
         ]
         checks += [(0 <= getattr(self, name) < 1, f"{name}={getattr(self, name)} must be in [0, 1)")

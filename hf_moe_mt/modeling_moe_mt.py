@@ -465,7 +465,10 @@ class MoEMTPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # Linear / Embedding (padding row zero) / LayerNorm
         std = self.config.init_std
-        if isinstance(module, MoEMTSinusoidalPositionalEmbedding):
+        if isinstance(module, MoEMTScaledWordEmbedding) and self.config.embedding_init_std is not None:
+            init.normal_(module.weight, mean=0.0, std=self.config.embedding_init_std)
+            init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, MoEMTSinusoidalPositionalEmbedding):
             init.copy_(module.weight, sinusoidal_table(module.num_positions, module.embedding_dim, module.offset))
         elif isinstance(module, SparseMoE):
             init.normal_(module.gate.weight, mean=0.0, std=std)

@@ -1,11 +1,12 @@
 """MoEMTConfig: the sparse-layer rule, one-line validation errors, Auto* registration."""
 
 import pytest
+import torch
 from transformers import AutoConfig, AutoModel, AutoModelForSeq2SeqLM
 
 from hf_moe_mt import MoEMTConfig, MoEMTForConditionalGeneration, MoEMTModel
 
-from .conftest import TINY_CONFIG, make_config
+from .conftest import TINY_CONFIG, make_config, make_model
 
 
 def test_sparse_layers_step_2_every_other_layer_starting_at_1():
@@ -69,3 +70,15 @@ def test_auto_classes_resolve_moe_mt(tiny_config):
     assert isinstance(AutoConfig.for_model("moe_mt", **TINY_CONFIG), MoEMTConfig)
     assert type(AutoModel.from_config(tiny_config)) is MoEMTModel
     assert type(AutoModelForSeq2SeqLM.from_config(tiny_config)) is MoEMTForConditionalGeneration
+
+
+def test_embedding_init_std_sets_the_token_table_alone():
+    default, scaled = make_model(), make_model(embedding_init_std=0.5)
+    table = scaled.model.shared.weight
+    assert abs(table.std().item() - 0.5) < 0.05 and not table[scaled.config.pad_token_id].any()
+    assert abs(default.model.shared.weight.std().item() - default.config.init_std) < 0.005
+    assert scaled.lm_head.weight is table or torch.equal(scaled.lm_head.weight, table)  # tied
+    q_proj = scaled.model.encoder.layers[0].self_attn.q_proj.weight
+    assert abs(q_proj.std().item() - scaled.config.init_std) < 0.005
+    with pytest.raises(ValueError, match="embedding_init_std"):
+        make_config(embedding_init_std=0.0)

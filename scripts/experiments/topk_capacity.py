@@ -1,0 +1,36 @@
+"""Top-1 against top-2 routing and the capacity factor (1.0 / 1.25 / dropless): the quality/speed trade-off.
+
+Arms: top-k ∈ {1, 2} × capacity factor ∈ {1.0, 1.25, dropless}, the recipe's MoE otherwise, the same steps and
+tokens per step. Top-2 runs two experts per token: more FLOPs per step, so the table reports training tokens per
+second beside the quality (dev loss, test BLEU/chrF). Writes results/topk_capacity/{results.json,curves.png}.
+
+  python scripts/experiments/topk_capacity.py
+  python scripts/experiments/topk_capacity.py --seeds 0,1 --steps 4000
+"""
+
+from harness import Arm, Experiment, experiment_parser, machine, plot_curves
+
+CAPACITIES = {"cf1.0": ["model.config.capacity_factor=1.0"], "cf1.25": ["model.config.capacity_factor=1.25"],
+              "dropless": ["model.config.router_drop_tokens=false"]}
+ARMS = [Arm(f"top{k}-{name}", [f"model.config.num_experts_per_tok={k}", *overrides], f"top-{k}, {name}")
+        for k in (1, 2) for name, overrides in CAPACITIES.items()]
+
+
+def main(argv=None) -> int:
+    args = experiment_parser(__doc__, default_steps=300).parse_args(argv)
+    experiment = Experiment("topk_capacity", args)
+    data = experiment.data_overrides()
+    runs, results = [], {"experiment": "topk_capacity", "machine": machine(), "config": args.config,
+                         "steps": args.steps, "overrides": experiment.common, "runs": runs}
+    for seed in experiment.seeds:
+        for arm in ARMS:
+            run = experiment.run_arm(arm, seed, data)
+            run["training_seconds"] = run["curve"][-1]["cpu"] if run["curve"] else None
+            runs.append(run)
+            experiment.write(results)
+    plot_curves(runs, experiment.results_dir / "curves.png", "top-k and capacity factor at equal steps")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

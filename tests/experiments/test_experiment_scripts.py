@@ -1,0 +1,59 @@
+"""Every experiment script runs end to end for a few steps on the fixture corpus (the real runs take an hour
+each): arms train through `hf-moe-mt train`'s code, get scored, and land in results.json + PNG; a rerun reads
+finished arms back instead of training them again."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.training.conftest import FAST, REPO, TINY_CONFIG
+
+SCRIPTS = os.path.join(REPO, "scripts", "experiments")
+EXPECTED_ARMS = {"moe_vs_dense": ["dense", "moe8", "moe16"], "rts_vs_position": ["rts", "position"],
+                 "multitask": ["translation", "multitask"],
+                 "topk_capacity": ["top1-cf1.0", "top1-cf1.25", "top1-dropless", "top2-cf1.0", "top2-cf1.25",
+                                   "top2-dropless"]}
+
+
+def _run(name, fixture_data, tmp_path):
+    argv = [sys.executable, os.path.join(SCRIPTS, f"{name}.py"), "--config", TINY_CONFIG, "--steps", "2",
+            "--eval-every", "1", "--test-sentences", "1", "--work-dir", str(tmp_path / "work"),
+            "--results-dir", str(tmp_path / "results"), f"data.corpus={fixture_data['corpus']}",
+            f"data.tokenizer={fixture_data['tokenizer']}", *FAST, "training.logging_steps=1",
+            "evaluation.plots=false", "training.report_to=none", "data.eval_examples=8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONPATH": REPO}
+    return subprocess.run(argv, capture_output=True, text=True, timeout=600, cwd=REPO, env=env)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_ARMS))
+def test_experiment_script_runs_every_arm_and_writes_results(name, fixture_data, tmp_path):
+    result = _run(name, fixture_data, tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    report = json.loads((tmp_path / "results" / name / "results.json").read_text())
+    assert [run["arm"] for run in report["runs"]] == EXPECTED_ARMS[name]
+    for run in report["runs"]:
+        assert [point["step"] for point in run["curve"]] == [1, 2], run["arm"]
+        assert run["curve"][-1]["cpu"] > 0 and run["scores"]["averages"], run["arm"]
+    assert report["machine"]["cpu"] and (tmp_path / "results" / name / "curves.png").is_file()
+    if name == "rts_vs_position":
+        profiles = {run["arm"]: run["drops_by_position"] for run in report["runs"]}
+        assert all(len(profile) == 10 for profile in profiles.values())
+        assert (tmp_path / "results" / name / "drops_by_position.png").is_file()
+    if name == "moe_vs_dense":
+        assert set(report["steps_to_dense_final_loss"]) == {"moe8-seed0", "moe16-seed0"}
+
+
+def test_a_rerun_reads_finished_arms_back(fixture_data, tmp_path):
+    first = _run("multitask", fixture_data, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = (tmp_path / "results" / "multitask" / "results.json").read_text()
+    summaries = sorted((tmp_path / "work").glob("multitask/*/train_summary.json"))
+    written = [path.stat().st_mtime_ns for path in summaries]
+    second = _run("multitask", fixture_data, tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert len(summaries) == 2 and [path.stat().st_mtime_ns for path in summaries] == written  # not retrained
+    assert json.loads((tmp_path / "results" / "multitask" / "results.json").read_text()) == json.loads(before)
