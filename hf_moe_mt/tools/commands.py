@@ -1,4 +1,4 @@
-"""`hf-moe-mt export`, `hf-moe-mt translate` and `hf-moe-mt quickstart`: argparse over tools/."""
+"""`hf-moe-mt export`, `translate`, `evaluate` and `quickstart`: argparse over tools/."""
 
 from __future__ import annotations
 
@@ -30,6 +30,23 @@ def register(subparsers) -> None:
                            help="bfloat16: faster beam search on GPUs (~1.15x on CPUs with AVX512-BF16)")
     translate.set_defaults(func=run_translate)
 
+    evaluate = subparsers.add_parser(
+        "evaluate", help="BLEU/chrF (sacrebleu) per direction of a corpus split: JSON + Markdown table + bar chart")
+    evaluate.add_argument("model", metavar="MODEL", help="exported model folder (with its tokenizer)")
+    evaluate.add_argument("--corpus", required=True, help="corpus directory from `hf-moe-mt data build`")
+    evaluate.add_argument("--split", default="test", help="corpus split to translate (default: test)")
+    evaluate.add_argument("--directions", help="comma-separated SRC-TGT list, e.g. de-en,en-de (default: every "
+                          "direction of the split, both ways around the pivot)")
+    evaluate.add_argument("--max-sentences", type=int, help="first N pairs of each direction (default: all)")
+    evaluate.add_argument("--num-beams", type=int, default=4)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-new-tokens", type=int, default=256)
+    evaluate.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    evaluate.add_argument("--device", help="torch device for translation, e.g. cuda:0 (default: CPU)")
+    evaluate.add_argument("--output", help="folder to write (default: MODEL-eval-SPLIT next to the model)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    evaluate.set_defaults(func=run_evaluate)
+
     from .quickstart import add_quickstart_parser
 
     add_quickstart_parser(subparsers)
@@ -47,7 +64,8 @@ def run_export(args) -> int:
 
 
 def run_translate(args) -> int:
-    from .translate import corpus_bleu, load_translator, translate
+    from .scoring import corpus_bleu
+    from .translate import load_translator, translate
 
     lines = _read_lines(args.input)
     translator = load_translator(args.model, args.src, args.tgt, batch_size=args.batch_size, dtype=args.dtype)
@@ -55,7 +73,22 @@ def run_translate(args) -> int:
     for hypothesis in hypotheses:
         print(hypothesis)
     if args.references:
-        print(corpus_bleu(hypotheses, _read_lines(args.references)), file=sys.stderr)
+        print(corpus_bleu(hypotheses, _read_lines(args.references), args.tgt), file=sys.stderr)
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from .evaluate import default_output_dir, evaluate_model, markdown_table, parse_directions
+
+    output = args.output or default_output_dir(args.model, args.split)
+    report = evaluate_model(args.model, args.corpus, split=args.split, directions=parse_directions(args.directions),
+                            max_sentences=args.max_sentences, num_beams=args.num_beams,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype=args.dtype,
+                            device=args.device, output_dir=output, overwrite=args.overwrite)
+    if report["skipped_directions"]:
+        print(f"skipped (languages unknown to the model): {', '.join(report['skipped_directions'])}", file=sys.stderr)
+    print(markdown_table(report), end="")
+    print(f"wrote {output}")
     return 0
 
 

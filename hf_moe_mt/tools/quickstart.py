@@ -65,7 +65,8 @@ def run_quickstart(output: str | os.PathLike, *, config: str | None = None, max_
 def evaluate_test_split(model_dir: Path, corpus_dir: Path, per_direction: int) -> tuple[dict, dict]:
     """BLEU of X→en on the first `per_direction` test pairs of every language, and one sample each."""
     from ..data import load_corpus
-    from .translate import corpus_bleu, load_translator, translate
+    from .scoring import corpus_bleu
+    from .translate import load_translator, translate
 
     test = load_corpus(str(corpus_dir))["test"]
     bleu, samples = {}, {}
