@@ -110,7 +110,6 @@ def evaluate_model(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike, 
     """
     from tqdm.auto import tqdm
 
-    from ..data import load_corpus
     from ..data.atomic import check_output_dir
     from .translate import load_translator, translate
 
@@ -119,15 +118,10 @@ def evaluate_model(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike, 
     output = Path(output_dir) if output_dir is not None else None
     if output is not None:
         check_output_dir(str(output), overwrite)
-    # 1.
-    corpus = load_corpus(str(corpus_dir))
-    if split not in corpus or len(corpus[split]) == 0:
-        raise ValueError(f"the corpus has no {split!r} pairs; choose one of {', '.join(n for n in corpus if len(corpus[n]))}")
-    pairs = direction_pairs(corpus[split], directions)
-    # 2.
+    # 1. + 2.
     translator = load_translator(model_dir, device=device, batch_size=batch_size, dtype=dtype)
-    pairs, skipped = _known_directions(pairs, translator.tokenizer.language_codes, requested=directions is not None)
-    pairs = {key: (src[:max_sentences], ref[:max_sentences]) for key, (src, ref) in pairs.items()}
+    pairs, skipped = load_direction_pairs(corpus_dir, split, directions, max_sentences,
+                                          translator.tokenizer.language_codes)
     # 3. + 4.
     total = sum(len(src) for src, _ in pairs.values())
     results, texts = {}, {}
@@ -150,15 +144,28 @@ def evaluate_model(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike, 
     return report
 
 
-def _known_directions(pairs: dict, language_codes: list[str], requested: bool) -> tuple[dict, list[str]]:
+def load_direction_pairs(corpus_dir, split: str, directions: list[tuple[str, str]] | None, max_sentences: int | None,
+                         language_codes: list[str]) -> tuple[dict[tuple[str, str], tuple[list, list]], list[str]]:
+    """({(src, tgt): (sources, references)}, skipped directions) of a corpus split, first `max_sentences` each.
+
+    Directions with a language outside `language_codes` (the model's) are skipped when `directions` is None
+    and refused when they were asked for."""
+    from ..data import load_corpus
+
+    corpus = load_corpus(str(corpus_dir))
+    if split not in corpus or len(corpus[split]) == 0:
+        raise ValueError(f"the corpus has no {split!r} pairs; choose one of {', '.join(n for n in corpus if len(corpus[n]))}")
+    pairs = direction_pairs(corpus[split], directions)
     known = set(language_codes)
     unknown = [f"{s}-{t}" for s, t in pairs if s not in known or t not in known]
-    if unknown and requested:
+    if unknown and directions is not None:
         raise ValueError(f"the model does not know the languages of {', '.join(unknown)}; it knows "
                          f"{', '.join(language_codes)}")
-    kept = {key: value for key, value in pairs.items() if f"{key[0]}-{key[1]}" not in unknown}
+    kept = {key: (src[:max_sentences], ref[:max_sentences]) for key, (src, ref) in pairs.items()
+            if f"{key[0]}-{key[1]}" not in unknown}
     if not kept:
-        raise ValueError(f"no direction of this split uses only languages the model knows ({', '.join(language_codes)})")
+        raise ValueError(f"no direction of the {split!r} split uses only languages the model knows "
+                         f"({', '.join(language_codes)})")
     return kept, unknown
 
 
@@ -183,11 +190,11 @@ def _report(model_dir, corpus_dir, split, dataset, pivot, results, skipped, gene
             "skipped_directions": skipped, "sacrebleu_version": sacrebleu.__version__}
 
 
-def markdown_table(report: dict) -> str:
-    """BLEU / chrF / sentences/s per direction, then the pivot averages."""
+def markdown_table(report: dict, title: bool = True) -> str:
+    """BLEU / chrF / sentences/s per direction, then the pivot averages (after a title line naming the model)."""
     lines = [f"Evaluation of `{report['model']}` on the {report['split']} split "
-             f"(beam {report['generation']['num_beams']}, sacrebleu {report['sacrebleu_version']})", "",
-             "| direction | BLEU | chrF | sentences | sentences/s |", "|---|---|---|---|---|"]
+             f"(beam {report['generation']['num_beams']}, sacrebleu {report['sacrebleu_version']})", ""] if title else []
+    lines += ["| direction | BLEU | chrF | sentences | sentences/s |", "|---|---|---|---|---|"]
     for name, result in report["directions"].items():
         speed = "–" if result["sentences_per_second"] is None else f"{result['sentences_per_second']:.2f}"
         lines.append(f"| {name} | {result['bleu']:.2f} | {result['chrf']:.2f} | {result['sentences']} | {speed} |")

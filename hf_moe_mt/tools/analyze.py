@@ -1,0 +1,109 @@
+"""Router analytics: how often each expert of each MoE layer is chosen on real data, per translation direction.
+
+Counting runs the model teacher-forced over corpus pairs (source → reference) with every MoE layer dropless,
+so a count is the router's own top-k choice, never a capacity decision; padding is never routed. Encoder
+layers see the source language and decoder layers the target language, so per-language views group encoder
+counts by source and decoder counts by target. `hf-moe-mt prune` ranks experts with these counts;
+`hf-moe-mt analyze` writes them as JSON and per-layer heatmaps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..modeling_moe_mt import dropless_routing, shift_tokens_right
+from .experts import moe_layers
+
+
+@dataclass
+class ExpertUsage:
+    """counts[direction][layer] = [E] (token, expert) choices; tokens[direction] = real tokens seen per stack.
+
+    `direction` is "src-tgt" (e.g. "de-en"), `layer` "encoder.1" / "decoder.3" (0-based layer index)."""
+
+    layers: list[str]
+    num_experts: int
+    counts: dict[str, dict[str, list[int]]]
+    tokens: dict[str, dict[str, int]]
+
+    def layer_counts(self, directions: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """[E] counts per layer summed over `directions` (all by default)."""
+        chosen = list(self.counts) if directions is None else directions
+        return {layer: torch.tensor([self.counts[d][layer] for d in chosen], dtype=torch.long).sum(0)
+                if chosen else torch.zeros(self.num_experts, dtype=torch.long) for layer in self.layers}
+
+    def by_language(self) -> dict[str, dict[str, torch.Tensor]]:
+        """{language: {layer: [E]}}: encoder layers counted where the language is the source, decoder layers
+        where it is the target (each stack sees only that side)."""
+        languages = sorted({part for d in self.counts for part in d.split("-")})
+        view = {}
+        for language in languages:
+            as_source = [d for d in self.counts if d.split("-")[0] == language]
+            as_target = [d for d in self.counts if d.split("-")[1] == language]
+            source_counts, target_counts = self.layer_counts(as_source), self.layer_counts(as_target)
+            view[language] = {layer: (source_counts if layer.startswith("encoder") else target_counts)[layer]
+                              for layer in self.layers}
+        return view
+
+    def to_dict(self) -> dict:
+        return {"layers": self.layers, "num_experts": self.num_experts, "counts": self.counts, "tokens": self.tokens}
+
+
+@torch.no_grad()
+def count_expert_usage(model, tokenizer, pairs: dict[tuple[str, str], tuple[list[str], list[str]]], *,
+                       batch_size: int = 32, max_length: int | None = None, progress: bool = True) -> ExpertUsage:
+    """Expert choices of every MoE layer over `pairs` ({(src, tgt): (sources, references)}), teacher-forced.
+
+    1. per direction, batches of (source, reference): tokenised with the direction's language tokens
+    2. forward with router info, every MoE layer dropless, decoder padding masked
+    3. add each layer's tokens_per_expert to the direction's counts."""
+    from tqdm.auto import tqdm
+
+    layers = list(moe_layers(model.config))
+    if not layers:
+        raise ValueError("the model has no MoE layers (encoder_sparse_step = decoder_sparse_step = 0)")
+    limit = min(max_length or model.config.max_position_embeddings, model.config.max_position_embeddings)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    counts, tokens = {}, {}
+    total = sum(len(sources) for sources, _ in pairs.values())
+    try:
+        with tqdm(total=total, desc="expert usage", unit="pair", disable=not progress) as bar, dropless_routing(model):
+            for (src_lang, tgt_lang), (sources, references) in pairs.items():
+                direction = f"{src_lang}-{tgt_lang}"
+                counts[direction] = {layer: [0] * model.config.num_experts for layer in layers}
+                tokens[direction] = {"encoder": 0, "decoder": 0}
+                for start in range(0, len(sources), batch_size):
+                    # 1.
+                    batch = _encode(tokenizer, src_lang, tgt_lang, sources[start:start + batch_size],
+                                    references[start:start + batch_size], limit, model.config)
+                    # 2.
+                    outputs = model(**{key: value.to(device) for key, value in batch.items()},
+                                    output_router_logits=True, use_cache=False)
+                    # 3.
+                    infos = (*outputs.encoder_router_info, *outputs.decoder_router_info)
+                    for layer, info in zip(layers, infos):
+                        counts[direction][layer] = [a + int(b) for a, b in
+                                                    zip(counts[direction][layer], info.tokens_per_expert.tolist())]
+                    tokens[direction]["encoder"] += int(batch["attention_mask"].sum())
+                    tokens[direction]["decoder"] += int(batch["decoder_attention_mask"].sum())
+                    bar.update(len(batch["input_ids"]))
+    finally:
+        model.train(was_training)
+    return ExpertUsage(layers, model.config.num_experts, counts, tokens)
+
+
+def _encode(tokenizer, src_lang: str, tgt_lang: str, sources: list[str], references: list[str], max_length: int,
+            config) -> dict[str, torch.Tensor]:
+    """Model inputs of one batch: `[__src__] x </s>` → decoder `</s> [__tgt__] y` with its padding mask."""
+    tokenizer.src_lang, tokenizer.tgt_lang = src_lang, tgt_lang
+    batch = tokenizer(sources, text_target=references, padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+    decoder_input_ids = shift_tokens_right(batch.pop("labels"), config.pad_token_id, config.decoder_start_token_id)
+    decoder_attention_mask = (decoder_input_ids != config.pad_token_id).long()
+    decoder_attention_mask[:, 0] = 1  # the start token may equal the padding id in some vocabularies
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
