@@ -13,7 +13,14 @@ def register(subparsers) -> None:
     export.add_argument("--output", required=True, help="folder to write (atomically)")
     export.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's own)")
     export.add_argument("--num-beams", type=int, default=4, help="default beams in generation_config.json")
-    export.add_argument("--metrics", help="JSON file of evaluation results to put in the model card")
+    export.add_argument("--metrics", help="evaluation.json from `hf-moe-mt evaluate`: model-index + table in the card")
+    export.add_argument("--corpus", help="corpus the model was trained on, for the card's training-data section "
+                        "(default: the one of the training run around --checkpoint)")
+    export.add_argument("--license", help="Hub licence id for the card (default: what the training data allows)")
+    export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype (routers stay fp32)")
+    export.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 500MB (default 5GB)")
+    export.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hub repository")
+    export.add_argument("--private", action="store_true", help="create the Hub repository as private")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=run_export)
 
@@ -56,10 +63,17 @@ def run_export(args) -> int:
     from .export import export_model
 
     metrics = _read_json(args.metrics) if args.metrics else None
+    if args.private and not args.push_to_hub:
+        raise ValueError("--private applies to --push-to-hub REPO; add the repository to push to")
     result = export_model(args.checkpoint, args.output, args.tokenizer, num_beams=args.num_beams,
-                          overwrite=args.overwrite, metrics=metrics)
+                          overwrite=args.overwrite, metrics=metrics, corpus=args.corpus, license=args.license,
+                          dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(f"exported {result.output_dir} ({result.num_parameters:,} parameters, "
           f"{result.activated_parameters:,} activated per token)")
+    if args.push_to_hub:
+        from .publish import push_folder
+
+        print(f"pushed to {push_folder(result.output_dir, args.push_to_hub, private=args.private)}")
     return 0
 
 
@@ -108,4 +122,7 @@ def _read_json(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"metrics file {file} does not exist")
-    return json.loads(file.read_text())
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"metrics file {file} is not JSON ({error}); pass the evaluation.json of `hf-moe-mt evaluate`") from None

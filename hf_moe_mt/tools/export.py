@@ -22,7 +22,7 @@ from ..configuration_moe_mt import MoEMTConfig
 from ..modeling_moe_mt import MoEMTForConditionalGeneration
 from ..moe import SparseMoE
 from ..pipeline_moe_mt import MoEMTTranslationPipeline
-from .model_card import build_model_card, check_model_card, read_json
+from .model_card import build_model_card, check_metrics, check_model_card, read_json
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 TRAINING_INFO = "training_info.json"
@@ -238,6 +238,7 @@ def export_model(
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer_path}; pass --tokenizer TOKDIR")
     if dtype not in EXPORT_DTYPES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(EXPORT_DTYPES)}")
+    check_metrics(metrics)
     info = training_info(checkpoint, corpus)
     # 2.
     model = load_trained_model(checkpoint)

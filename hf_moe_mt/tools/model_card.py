@@ -52,6 +52,20 @@ def data_licence(corpus: dict | None) -> tuple[str, str | None, str]:
         "Set `--license` to what your data allows.")
 
 
+def check_metrics(metrics: dict | None) -> None:
+    """An `hf-moe-mt evaluate` result, or a flat {name: number} dict; anything else is a one-line error."""
+    if metrics is None:
+        return
+    if not isinstance(metrics, dict):
+        raise ValueError("--metrics must hold a JSON object: the evaluation.json of `hf-moe-mt evaluate`")
+    if "schema" in metrics:
+        if metrics["schema"] != EVALUATION_SCHEMA or not {"dataset", "directions", "split", "generation"} <= set(metrics):
+            raise ValueError(f"metrics schema {metrics['schema']!r} is not {EVALUATION_SCHEMA!r} with dataset, split, "
+                             "generation and directions; pass the evaluation.json of `hf-moe-mt evaluate`")
+    elif not all(isinstance(value, (int, float, str)) for value in metrics.values()):
+        raise ValueError("--metrics is neither an `hf-moe-mt evaluate` result nor a flat {name: value} table")
+
+
 def eval_results(metrics: dict | None) -> list[EvalResult] | None:
     """model-index entries (BLEU and chrF per direction) from an `hf-moe-mt evaluate` result."""
     if not metrics or metrics.get("schema") != EVALUATION_SCHEMA:
