@@ -4,12 +4,20 @@ Counting runs the model teacher-forced over corpus pairs (source → reference) 
 so a count is the router's own top-k choice, never a capacity decision; padding is never routed. Encoder
 layers see the source language and decoder layers the target language, so per-language views group encoder
 counts by source and decoder counts by target. `hf-moe-mt prune` ranks experts with these counts;
-`hf-moe-mt analyze` writes them as JSON and per-layer heatmaps.
+`hf-moe-mt analyze` writes them as JSON and per-layer heatmaps:
+
+    expert_usage.json    counts per direction and layer (what `prune --usage` reads), fractions per layer and
+                         per language, balance statistics (normalised entropy, load CV, unused experts)
+    expert_usage.png     every MoE layer: a languages × experts heatmap of each language's share of choices
+    heatmaps/LAYER.png   the same, one file per layer
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -107,3 +115,112 @@ def _encode(tokenizer, src_lang: str, tgt_lang: str, sources: list[str], referen
     decoder_attention_mask[:, 0] = 1  # the start token may equal the padding id in some vocabularies
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
             "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
+
+
+# --------------------------------------------------------------------------- `hf-moe-mt analyze`: JSON + heatmaps
+
+USAGE_FILE, OVERVIEW_PLOT, HEATMAP_DIR = "expert_usage.json", "expert_usage.png", "heatmaps"
+
+
+def usage_fractions(counts: torch.Tensor) -> list[float]:
+    """Share of the (token, expert) choices each expert got; zeros when nothing was counted."""
+    total = int(counts.sum())
+    return [int(c) / total if total else 0.0 for c in counts]
+
+
+def layer_statistics(counts: torch.Tensor) -> dict:
+    """Balance of one layer: normalised entropy (1 = perfectly balanced), coefficient of variation of the
+    counts, and how many experts got no token at all."""
+    fractions = torch.tensor(usage_fractions(counts), dtype=torch.float64)
+    nonzero = fractions[fractions > 0]
+    entropy = float(-(nonzero * nonzero.log()).sum() / math.log(len(fractions))) if len(fractions) > 1 else 1.0
+    mean = counts.double().mean()
+    cv = float(counts.double().std(unbiased=False) / mean) if mean > 0 else 0.0
+    return {"normalized_entropy": entropy, "load_cv": cv, "unused_experts": int((counts == 0).sum())}
+
+
+def usage_report(usage: ExpertUsage, model_dir, corpus_dir, split: str) -> dict:
+    """expert_usage.json: the raw counts (prune --usage reads them), fractions per layer overall and per
+    language (encoder layers by source, decoder layers by target language), and balance statistics."""
+    totals = usage.layer_counts()
+    by_language = usage.by_language()
+    return {
+        **usage.to_dict(), "model": str(model_dir), "corpus": str(corpus_dir), "split": split,
+        "fractions": {layer: usage_fractions(counts) for layer, counts in totals.items()},
+        "statistics": {layer: layer_statistics(counts) for layer, counts in totals.items()},
+        "fractions_by_language": {language: {layer: usage_fractions(counts) for layer, counts in layers.items()}
+                                  for language, layers in by_language.items()},
+    }
+
+
+def plot_layer(axis, report: dict, layer: str) -> None:
+    """Heatmap of one layer: languages × experts, each row the language's share of choices per expert."""
+    languages = list(report["fractions_by_language"])
+    rows = [report["fractions_by_language"][language][layer] for language in languages]
+    image = axis.imshow(rows, aspect="auto", cmap="viridis", vmin=0.0)
+    role = "source" if layer.startswith("encoder") else "target"
+    axis.set_title(f"{layer} (rows: {role} language)", fontsize=9)
+    axis.set_yticks(range(len(languages)), languages, fontsize=8)
+    axis.set_xlabel("expert", fontsize=8)
+    axis.figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
+
+
+def plot_usage(report: dict, output: Path) -> None:
+    """expert_usage.png (every MoE layer side by side) and heatmaps/LAYER.png (one per layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = report["layers"]
+    columns = min(len(layers), 3)
+    rows = -(-len(layers) // columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4.2 * columns, 0.35 * len(report["fractions_by_language"])
+                                                        * rows + 1.6 * rows), squeeze=False)
+    for axis, layer in zip(axes.flat, layers):
+        plot_layer(axis, report, layer)
+    for axis in list(axes.flat)[len(layers):]:
+        axis.axis("off")
+    figure.suptitle(f"expert usage per language: {Path(report['model']).name}, {report['split']} split")
+    figure.tight_layout()
+    figure.savefig(output / OVERVIEW_PLOT, dpi=120)
+    plt.close(figure)
+    (output / HEATMAP_DIR).mkdir()
+    for layer in layers:
+        figure, axis = plt.subplots(figsize=(4.8, 0.35 * len(report["fractions_by_language"]) + 1.6))
+        plot_layer(axis, report, layer)
+        figure.tight_layout()
+        figure.savefig(output / HEATMAP_DIR / f"{layer}.png", dpi=120)
+        plt.close(figure)
+
+
+def default_output_dir(model_dir, split: str) -> Path:
+    """`MODEL-usage-SPLIT` next to the model folder."""
+    model = Path(model_dir).resolve()
+    return model.with_name(f"{model.name}-usage-{split}")
+
+
+def analyze(model_dir, corpus_dir, *, split: str = "validation", directions: list[tuple[str, str]] | None = None,
+            max_sentences: int | None = None, batch_size: int = 32, output_dir=None, overwrite: bool = False,
+            progress: bool = True) -> dict:
+    """1. model, tokenizer and the split's direction pairs  2. count  3. report + heatmaps, written atomically."""
+    from ..data.atomic import atomic_directory, check_output_dir
+    from .evaluate import load_direction_pairs
+    from .export import load_tokenizer, load_trained_model
+
+    output = Path(output_dir) if output_dir is not None else default_output_dir(model_dir, split)
+    check_output_dir(str(output), overwrite)
+    # 1.
+    model = load_trained_model(model_dir).eval()
+    tokenizer = load_tokenizer(model_dir)
+    pairs, skipped = load_direction_pairs(corpus_dir, split, directions, max_sentences,
+                                          getattr(tokenizer, "language_codes", None) or [])
+    # 2.
+    usage = count_expert_usage(model, tokenizer, pairs, batch_size=batch_size, progress=progress)
+    # 3.
+    report = {**usage_report(usage, model_dir, corpus_dir, split), "skipped_directions": skipped}
+    with atomic_directory(str(output), overwrite) as staging:
+        (Path(staging) / USAGE_FILE).write_text(json.dumps(report, indent=1) + "\n")
+        plot_usage(report, Path(staging))
+    report["output"] = str(output)
+    return report

@@ -46,6 +46,17 @@ def register(subparsers) -> None:
     upcycle.add_argument("--overwrite", action="store_true")
     upcycle.set_defaults(func=run_upcycle)
 
+    analyze = subparsers.add_parser("analyze", help="expert usage per MoE layer and language: JSON + heatmap PNGs")
+    analyze.add_argument("model", metavar="MODEL", help="exported model folder (with its tokenizer)")
+    analyze.add_argument("--corpus", required=True, help="corpus directory from `hf-moe-mt data build`")
+    analyze.add_argument("--split", default="validation", help="corpus split (default: validation)")
+    analyze.add_argument("--directions", help="comma-separated SRC-TGT list (default: every direction, both ways)")
+    analyze.add_argument("--max-sentences", type=int, help="pairs per direction (default: all)")
+    analyze.add_argument("--batch-size", type=int, default=32)
+    analyze.add_argument("--output", help="folder to write (default: MODEL-usage-SPLIT next to the model)")
+    analyze.add_argument("--overwrite", action="store_true")
+    analyze.set_defaults(func=run_analyze)
+
 
 def run_prune(args) -> int:
     from .prune import prune
@@ -78,4 +89,16 @@ def run_upcycle(args) -> int:
                      overwrite=args.overwrite)
     print(json.dumps({key: report[key] for key in ("output", "source_model_type", "num_experts", "top_k", "layers",
                                                    "num_parameters", "activated_parameters")}))
+    return 0
+
+
+def run_analyze(args) -> int:
+    from .analyze import analyze
+    from .evaluate import parse_directions
+
+    report = analyze(args.model, args.corpus, split=args.split, directions=parse_directions(args.directions),
+                     max_sentences=args.max_sentences, batch_size=args.batch_size, output_dir=args.output,
+                     overwrite=args.overwrite)
+    statistics = {layer: round(stats["normalized_entropy"], 3) for layer, stats in report["statistics"].items()}
+    print(json.dumps({"output": report["output"], "normalized_entropy": statistics}))
     return 0
