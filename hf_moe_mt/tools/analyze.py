@@ -21,7 +21,8 @@ from pathlib import Path
 
 import torch
 
-from ..modeling_moe_mt import dropless_routing, shift_tokens_right
+from ..modeling_moe_mt import dropless_routing
+from .evaluate import encode_pairs
 from .experts import moe_layers
 
 
@@ -86,8 +87,9 @@ def count_expert_usage(model, tokenizer, pairs: dict[tuple[str, str], tuple[list
                 tokens[direction] = {"encoder": 0, "decoder": 0}
                 for start in range(0, len(sources), batch_size):
                     # 1.
-                    batch = _encode(tokenizer, src_lang, tgt_lang, sources[start:start + batch_size],
-                                    references[start:start + batch_size], limit, model.config)
+                    batch = encode_pairs(tokenizer, src_lang, tgt_lang, sources[start:start + batch_size],
+                                         references[start:start + batch_size], limit, model.config)
+                    batch.pop("labels")
                     # 2.
                     outputs = model(**{key: value.to(device) for key, value in batch.items()},
                                     output_router_logits=True, use_cache=False)
@@ -102,19 +104,6 @@ def count_expert_usage(model, tokenizer, pairs: dict[tuple[str, str], tuple[list
     finally:
         model.train(was_training)
     return ExpertUsage(layers, model.config.num_experts, counts, tokens)
-
-
-def _encode(tokenizer, src_lang: str, tgt_lang: str, sources: list[str], references: list[str], max_length: int,
-            config) -> dict[str, torch.Tensor]:
-    """Model inputs of one batch: `[__src__] x </s>` → decoder `</s> [__tgt__] y` with its padding mask."""
-    tokenizer.src_lang, tokenizer.tgt_lang = src_lang, tgt_lang
-    batch = tokenizer(sources, text_target=references, padding=True, truncation=True, max_length=max_length,
-                      return_tensors="pt")
-    decoder_input_ids = shift_tokens_right(batch.pop("labels"), config.pad_token_id, config.decoder_start_token_id)
-    decoder_attention_mask = (decoder_input_ids != config.pad_token_id).long()
-    decoder_attention_mask[:, 0] = 1  # the start token may equal the padding id in some vocabularies
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask}
 
 
 # --------------------------------------------------------------------------- `hf-moe-mt analyze`: JSON + heatmaps

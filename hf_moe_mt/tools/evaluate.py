@@ -68,6 +68,56 @@ def direction_pairs(split, directions: list[tuple[str, str]] | None) -> dict[tup
     return {key: available[key] for key in directions}
 
 
+def encode_pairs(tokenizer, src_lang: str, tgt_lang: str, sources: list[str], references: list[str], max_length: int,
+                 config) -> dict:
+    """Teacher-forced model inputs of one batch: `[__src__] x </s>` → decoder `</s> [__tgt__] y`, its padding mask,
+    and `labels` (`[__tgt__] y </s>`, -100 at padding)."""
+    from ..modeling_moe_mt import shift_tokens_right
+
+    tokenizer.src_lang, tokenizer.tgt_lang = src_lang, tgt_lang
+    batch = tokenizer(sources, text_target=references, padding=True, truncation=True, max_length=max_length,
+                      return_tensors="pt")
+    labels = batch["labels"]
+    decoder_input_ids = shift_tokens_right(labels, config.pad_token_id, config.decoder_start_token_id)
+    decoder_attention_mask = (decoder_input_ids != config.pad_token_id).long()
+    decoder_attention_mask[:, 0] = 1  # the start token may equal the padding id in some vocabularies
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask,
+            "labels": labels.masked_fill(labels == config.pad_token_id, -100)}
+
+
+def teacher_forced_loss(model, tokenizer, pairs: dict[tuple[str, str], tuple[list, list]], *,
+                        batch_size: int = 32) -> dict:
+    """Token-level cross-entropy (nats; no label smoothing, no router losses) of the references given the
+    sources, per direction and over all tokens: a dev loss comparable between models of one tokenizer.
+    The model runs in eval mode, so MoE layers use their evaluation capacity, as the Trainer's evaluation does."""
+    import torch
+    from torch.nn import functional as F
+
+    device = next(model.parameters()).device
+    limit = model.config.max_position_embeddings
+    was_training = model.training
+    model.eval()
+    totals, directions = [0.0, 0], {}
+    try:
+        with torch.no_grad():
+            for (src_lang, tgt_lang), (sources, references) in pairs.items():
+                loss_sum, count = 0.0, 0
+                for start in range(0, len(sources), batch_size):
+                    batch = encode_pairs(tokenizer, src_lang, tgt_lang, sources[start:start + batch_size],
+                                         references[start:start + batch_size], limit, model.config)
+                    labels = batch.pop("labels").to(device)
+                    logits = model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False).logits
+                    loss_sum += float(F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                      reduction="sum"))
+                    count += int((labels != -100).sum())
+                directions[f"{src_lang}-{tgt_lang}"] = loss_sum / max(count, 1)
+                totals = [totals[0] + loss_sum, totals[1] + count]
+    finally:
+        model.train(was_training)
+    return {"loss": totals[0] / max(totals[1], 1), "tokens": totals[1], "directions": directions}
+
+
 def pivot_averages(directions: dict[str, dict], pivot: str) -> dict[str, dict]:
     """Unweighted means of BLEU and chrF over X→pivot and pivot→X directions ("x-en", "en-x")."""
     averages = {}

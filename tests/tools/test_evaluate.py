@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_moe_mt.cli import main as cli_main
 from hf_moe_mt.tools.evaluate import evaluate_model, parse_directions
@@ -187,3 +188,21 @@ def test_bleu_into_japanese_without_mecab_names_the_extra():
         pytest.skip("sacrebleu's Japanese tokenizer is installed")
     with pytest.raises(ValueError, match=r"pip install 'sacrebleu\[ja\]'"):
         corpus_bleu(["猫"], ["猫"], "ja")
+
+
+def test_teacher_forced_loss_is_the_models_own_cross_entropy(exported_dir, run_dir):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from hf_moe_mt.tools.evaluate import encode_pairs, load_direction_pairs, teacher_forced_loss
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(exported_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(exported_dir)
+    pairs, _ = load_direction_pairs(run_dir / "corpus", "train", [("de", "en")], 5, tokenizer.language_codes)
+    result = teacher_forced_loss(model, tokenizer, pairs, batch_size=5)  # one padded batch
+    batch = encode_pairs(tokenizer, "de", "en", *pairs[("de", "en")], 128, model.config)
+    with torch.no_grad():
+        out = model(**batch)  # label_smoothing 0: loss = mean CE + coef·aux + coef·z
+    config = model.config
+    expected = out.loss - config.router_aux_loss_coef * out.aux_loss - config.router_z_loss_coef * out.z_loss
+    assert result["loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert result["tokens"] == int((batch["labels"] != -100).sum()) and result["directions"]["de-en"] == result["loss"]
