@@ -14,6 +14,10 @@ evaluation.json: {"schema", "model", "corpus", "split", "dataset": {name, type, 
 "generation": {num_beams, max_new_tokens, batch_size, dtype}, "directions": {"de-en": {bleu, chrf, sentences,
 seconds, sentences_per_second, bleu_signature, chrf_signature}, ...}, "averages": {"x-en": {bleu, chrf,
 directions}, "en-x": {...}}, "sentences_per_second", "skipped_directions", "sacrebleu_version"}.
+
+Also here, for every tool that reads a corpus split: `load_direction_pairs` (sources and references per
+direction), `encode_pairs` (teacher-forced model inputs) and `teacher_forced_loss` (the dev loss the
+experiments compare models by).
 """
 
 from __future__ import annotations
