@@ -7,6 +7,7 @@ setup(
     description="DeepSpeed-MoE / Z-code M3 style sparse MoE translation models for Hugging Face transformers",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hf_moe_mt", "hf_moe_mt.*"]),
     package_data={"hf_moe_mt.tools": ["*.md"], "hf_moe_mt": ["configs/*.yaml"]},

@@ -17,7 +17,8 @@ from .runtime import keep_freed_memory
 SUBCOMMAND_MODULES = (
     "hf_moe_mt.data.commands",  # data build | data tokenizer
     "hf_moe_mt.training.commands",  # train
-    "hf_moe_mt.tools.commands",  # export | translate | prune | merge | quickstart
+    "hf_moe_mt.tools.commands",  # export | translate | evaluate | quickstart
+    "hf_moe_mt.tools.model_commands",  # prune | merge | upcycle | analyze
 )
 
 

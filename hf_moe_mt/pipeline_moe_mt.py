@@ -9,6 +9,7 @@ transformers and torch (it travels as remote code).
 
 from __future__ import annotations
 
+import torch
 from transformers import Pipeline
 
 
@@ -17,6 +18,8 @@ class MoEMTTranslationPipeline(Pipeline):
 
     Call-time or construction-time kwargs: `src_lang`, `tgt_lang` (language codes the tokenizer knows),
     `truncation`, and any `generate` kwarg (`num_beams`, `max_new_tokens`, `num_return_sequences`, …).
+    An empty or whitespace-only text translates to "" without running the model: generating from a bare
+    language token would invent a sentence.
     """
 
     _load_processor = False
@@ -47,18 +50,43 @@ class MoEMTTranslationPipeline(Pipeline):
             text, return_tensors="pt", src_lang=src_lang, tgt_lang=tgt_lang, truncation=truncation)
         forced = inputs.pop("forced_bos_token_id")
         model_inputs = dict(inputs)
-        # One target language per call; kept as a [1] tensor so the batch collator can stack it.
+        # One target language per call; kept as [1] tensors so the batch collator can stack them.
         model_inputs["forced_bos_token_id"] = inputs["input_ids"].new_full((1,), int(forced))
+        model_inputs["is_empty"] = torch.tensor([not str(text).strip()])
         return model_inputs
 
     def _forward(self, model_inputs, **generate_kwargs):
+        """1. drop the empty rows  2. generate the others (if any)  3. put them back: [B, R, L] output ids,
+        padding in the rows of empty inputs (`postprocess` reads `is_empty`, not those ids)."""
         forced = model_inputs.pop("forced_bos_token_id")
-        batch_size = model_inputs["input_ids"].shape[0]
+        is_empty = model_inputs.pop("is_empty").reshape(-1)  # [B] bool
+        batch_size = is_empty.shape[0]
         generate_kwargs.setdefault("forced_bos_token_id", int(forced.reshape(-1)[0]))
-        output_ids = self.model.generate(**model_inputs, **generate_kwargs)  # [B·R, L]
-        return {"output_ids": output_ids.reshape(batch_size, -1, output_ids.shape[-1])}
+        # 1.
+        keep = (~is_empty).nonzero().reshape(-1)
+        num_sequences = self._num_return_sequences(generate_kwargs)
+        pad = self.tokenizer.pad_token_id
+        if keep.numel() == 0:
+            output_ids = torch.full((batch_size, num_sequences, 1), pad, dtype=torch.long)
+            return {"output_ids": output_ids, "is_empty": is_empty}
+        # 2.
+        kept_inputs = {key: value[keep] if keep.numel() < batch_size else value for key, value in model_inputs.items()}
+        generated = self.model.generate(**kept_inputs, **generate_kwargs)  # [B'·R, L]
+        generated = generated.reshape(keep.numel(), -1, generated.shape[-1])  # [B', R, L]
+        if keep.numel() == batch_size:
+            return {"output_ids": generated, "is_empty": is_empty}
+        # 3.
+        output_ids = generated.new_full((batch_size, *generated.shape[1:]), pad)
+        output_ids[keep.to(generated.device)] = generated
+        return {"output_ids": output_ids, "is_empty": is_empty}
+
+    def _num_return_sequences(self, generate_kwargs) -> int:
+        config = generate_kwargs.get("generation_config") or self.model.generation_config
+        return int(generate_kwargs.get("num_return_sequences") or config.num_return_sequences or 1)
 
     def postprocess(self, model_outputs, clean_up_tokenization_spaces=False):
+        if bool(model_outputs["is_empty"].reshape(-1)[0]):
+            return [{"translation_text": ""} for _ in model_outputs["output_ids"][0]]
         return [
             {"translation_text": self.tokenizer.decode(ids, skip_special_tokens=True,
                                                        clean_up_tokenization_spaces=clean_up_tokenization_spaces)}

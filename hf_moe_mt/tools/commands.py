@@ -1,4 +1,4 @@
-"""`hf-moe-mt export`, `hf-moe-mt translate` and `hf-moe-mt quickstart`: argparse over tools/."""
+"""`hf-moe-mt export`, `translate`, `evaluate` and `quickstart`: argparse over tools/."""
 
 from __future__ import annotations
 
@@ -13,7 +13,14 @@ def register(subparsers) -> None:
     export.add_argument("--output", required=True, help="folder to write (atomically)")
     export.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's own)")
     export.add_argument("--num-beams", type=int, default=4, help="default beams in generation_config.json")
-    export.add_argument("--metrics", help="JSON file of evaluation results to put in the model card")
+    export.add_argument("--metrics", help="evaluation.json from `hf-moe-mt evaluate`: model-index + table in the card")
+    export.add_argument("--corpus", help="corpus the model was trained on, for the card's training-data section "
+                        "(default: the one of the training run around --checkpoint)")
+    export.add_argument("--license", help="Hub licence id for the card (default: what the training data allows)")
+    export.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weight dtype (routers stay fp32)")
+    export.add_argument("--max-shard-size", default="5GB", help="largest safetensors shard, e.g. 500MB (default 5GB)")
+    export.add_argument("--push-to-hub", metavar="REPO", help="then upload the folder to this Hub repository")
+    export.add_argument("--private", action="store_true", help="create the Hub repository as private")
     export.add_argument("--overwrite", action="store_true")
     export.set_defaults(func=run_export)
 
@@ -30,6 +37,23 @@ def register(subparsers) -> None:
                            help="bfloat16: faster beam search on GPUs (~1.15x on CPUs with AVX512-BF16)")
     translate.set_defaults(func=run_translate)
 
+    evaluate = subparsers.add_parser(
+        "evaluate", help="BLEU/chrF (sacrebleu) per direction of a corpus split: JSON + Markdown table + bar chart")
+    evaluate.add_argument("model", metavar="MODEL", help="exported model folder (with its tokenizer)")
+    evaluate.add_argument("--corpus", required=True, help="corpus directory from `hf-moe-mt data build`")
+    evaluate.add_argument("--split", default="test", help="corpus split to translate (default: test)")
+    evaluate.add_argument("--directions", help="comma-separated SRC-TGT list, e.g. de-en,en-de (default: every "
+                          "direction of the split, both ways around the pivot)")
+    evaluate.add_argument("--max-sentences", type=int, help="first N pairs of each direction (default: all)")
+    evaluate.add_argument("--num-beams", type=int, default=4)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-new-tokens", type=int, default=256)
+    evaluate.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    evaluate.add_argument("--device", help="torch device for translation, e.g. cuda:0 (default: CPU)")
+    evaluate.add_argument("--output", help="folder to write (default: MODEL-eval-SPLIT next to the model)")
+    evaluate.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
+    evaluate.set_defaults(func=run_evaluate)
+
     from .quickstart import add_quickstart_parser
 
     add_quickstart_parser(subparsers)
@@ -39,15 +63,23 @@ def run_export(args) -> int:
     from .export import export_model
 
     metrics = _read_json(args.metrics) if args.metrics else None
+    if args.private and not args.push_to_hub:
+        raise ValueError("--private applies to --push-to-hub REPO; add the repository to push to")
     result = export_model(args.checkpoint, args.output, args.tokenizer, num_beams=args.num_beams,
-                          overwrite=args.overwrite, metrics=metrics)
+                          overwrite=args.overwrite, metrics=metrics, corpus=args.corpus, license=args.license,
+                          dtype=args.dtype, max_shard_size=args.max_shard_size)
     print(f"exported {result.output_dir} ({result.num_parameters:,} parameters, "
           f"{result.activated_parameters:,} activated per token)")
+    if args.push_to_hub:
+        from .publish import push_folder
+
+        print(f"pushed to {push_folder(result.output_dir, args.push_to_hub, private=args.private)}")
     return 0
 
 
 def run_translate(args) -> int:
-    from .translate import corpus_bleu, load_translator, translate
+    from .scoring import corpus_bleu
+    from .translate import load_translator, translate
 
     lines = _read_lines(args.input)
     translator = load_translator(args.model, args.src, args.tgt, batch_size=args.batch_size, dtype=args.dtype)
@@ -55,7 +87,22 @@ def run_translate(args) -> int:
     for hypothesis in hypotheses:
         print(hypothesis)
     if args.references:
-        print(corpus_bleu(hypotheses, _read_lines(args.references)), file=sys.stderr)
+        print(corpus_bleu(hypotheses, _read_lines(args.references), args.tgt), file=sys.stderr)
+    return 0
+
+
+def run_evaluate(args) -> int:
+    from .evaluate import default_output_dir, evaluate_model, markdown_table, parse_directions
+
+    output = args.output or default_output_dir(args.model, args.split)
+    report = evaluate_model(args.model, args.corpus, split=args.split, directions=parse_directions(args.directions),
+                            max_sentences=args.max_sentences, num_beams=args.num_beams,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype=args.dtype,
+                            device=args.device, output_dir=output, overwrite=args.overwrite)
+    if report["skipped_directions"]:
+        print(f"skipped (languages unknown to the model): {', '.join(report['skipped_directions'])}", file=sys.stderr)
+    print(markdown_table(report), end="")
+    print(f"wrote {output}")
     return 0
 
 
@@ -75,4 +122,7 @@ def _read_json(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"metrics file {file} does not exist")
-    return json.loads(file.read_text())
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"metrics file {file} is not JSON ({error}); pass the evaluation.json of `hf-moe-mt evaluate`") from None

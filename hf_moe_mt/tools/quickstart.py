@@ -3,7 +3,8 @@ build the offline Bible corpus → train a small MoE (configs/quickstart.yaml) �
 translate the held-out test books with pipeline("translation") and score them with sacrebleu.
 
 Outputs under --output: train/ (corpus, tokenizer, checkpoints, plots, final model), model/ (the exported
-folder), quickstart.json (BLEU and chrF per direction, sample translations, stage timings).
+folder), evaluation/ (`hf-moe-mt evaluate` of the test books: JSON, Markdown, chart, the scored texts),
+quickstart.json (BLEU and chrF per direction, sample translations, stage timings).
 Interrupted? Run the same command again: it continues from the last checkpoint (a finished training or export
 is kept), so a rerun never starts over; --overwrite does.
 """
@@ -67,7 +68,7 @@ def run_quickstart(output: str | os.PathLike, *, config: str | None = None, max_
     seconds["export"] = time.perf_counter() - start
     # 3.
     start = time.perf_counter()
-    scores, samples = evaluate_test_split(model_dir, root / "train" / "corpus", test_sentences)
+    scores, samples = evaluate_test_split(model_dir, root / "train" / "corpus", test_sentences, root / "evaluation")
     seconds["evaluate"] = time.perf_counter() - start
     # 4.
     report = {"model_dir": str(model_dir), "scores": scores, "samples": samples,
@@ -98,26 +99,23 @@ def _export_once(root: Path, summary: dict) -> Path:
     return export_model(summary["model_dir"], model_dir, root / "train" / "tokenizer").output_dir
 
 
-def evaluate_test_split(model_dir: Path, corpus_dir: Path, per_direction: int) -> tuple[dict, dict]:
-    """BLEU and chrF of X→en on the first `per_direction` test pairs of every language, and a few samples."""
-    import sacrebleu
-
+def evaluate_test_split(model_dir: Path, corpus_dir: Path, per_direction: int, output_dir: Path) -> tuple[dict, dict]:
+    """`hf-moe-mt evaluate` of X→en on the first `per_direction` test pairs of every language (into
+    `output_dir`), and the first few translations of each direction as samples."""
     from ..data import load_corpus
-    from .translate import load_translator, translate
+    from .evaluate import TRANSLATIONS_DIR, evaluate_model
 
-    test = load_corpus(str(corpus_dir))["test"]
-    scores, samples = {}, {}
-    for language in sorted(set(test["src_lang"])):
-        rows = test.filter(lambda row, lang=language: row["src_lang"] == lang)
-        rows = rows.select(range(min(per_direction, len(rows))))
-        translator = load_translator(model_dir, language, "en")
-        hypotheses = translate(translator, rows["src_text"])
-        references = [list(rows["tgt_text"])]
-        scores[f"{language}-en"] = {"bleu": round(sacrebleu.corpus_bleu(hypotheses, references).score, 2),
-                                    "chrf": round(sacrebleu.corpus_chrf(hypotheses, references).score, 2)}
-        samples[f"{language}-en"] = [
-            {"source": source, "reference": reference, "translation": hypothesis}
-            for source, reference, hypothesis in list(zip(rows["src_text"], rows["tgt_text"], hypotheses))[:NUM_SAMPLES]]
+    languages = sorted(set(load_corpus(str(corpus_dir))["test"]["src_lang"]))
+    report = evaluate_model(model_dir, corpus_dir, split="test", directions=[(code, "en") for code in languages],
+                            max_sentences=per_direction, output_dir=output_dir, overwrite=True)
+    scores = {name: {"bleu": round(result["bleu"], 2), "chrf": round(result["chrf"], 2)}
+              for name, result in report["directions"].items()}
+    samples = {}
+    for name in scores:
+        source, hypothesis, reference = ((output_dir / TRANSLATIONS_DIR / f"{name}.{suffix}").read_text().splitlines()
+                                         for suffix in ("src", "hyp", "ref"))
+        samples[name] = [{"source": s, "reference": r, "translation": h}
+                         for s, h, r in list(zip(source, hypothesis, reference))[:NUM_SAMPLES]]
     return scores, samples
 
 

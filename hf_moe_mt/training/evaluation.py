@@ -7,10 +7,11 @@ callback that logs `eval_bleu` through the Trainer's loggers. Never imported by 
 
 from __future__ import annotations
 
-import sacrebleu
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
+
+from ..tools.scoring import corpus_bleu
 
 
 def _is_distributed() -> bool:
@@ -38,10 +39,11 @@ def translate_rows(model, tokenizer, rows, batch_size: int = 16, num_beams: int 
     return hypotheses
 
 
-def corpus_bleu(model, tokenizer, rows, **generate_kwargs) -> float:
-    """sacrebleu corpus BLEU (13a tokenisation) of the rows' translations against their `tgt_text`."""
+def dev_bleu(model, tokenizer, rows, **generate_kwargs) -> float:
+    """sacrebleu corpus BLEU (13a tokenisation: the rows mix target languages) of the rows' translations
+    against their `tgt_text`."""
     hypotheses = translate_rows(model, tokenizer, rows, **generate_kwargs)
-    return sacrebleu.corpus_bleu(hypotheses, [list(rows["tgt_text"])]).score
+    return corpus_bleu(hypotheses, list(rows["tgt_text"])).score
 
 
 class BleuCallback(TrainerCallback):
@@ -65,7 +67,7 @@ class BleuCallback(TrainerCallback):
         was_training = model.training
         model.eval()
         try:
-            bleu = corpus_bleu(model, self.trainer.processing_class, self.rows, **self.generate_kwargs)
+            bleu = dev_bleu(model, self.trainer.processing_class, self.rows, **self.generate_kwargs)
         finally:
             model.train(was_training)
         self.trainer.log({"eval_bleu": bleu})

@@ -8,11 +8,12 @@ main process first and loaded by the others. Outputs under `training.output_dir`
     corpus/, tokenizer/     built when the config does not point to existing ones (reused on --resume)
     checkpoint-N/           complete checkpoints only (staged as .tmp-checkpoint-N, then renamed)
     model/                  the final model: every expert, HF names, safetensors, + tokenizer
-    expert_load.png, loss_curve.png, runs/ (TensorBoard), train_summary.json
+    expert_load.png, loss_curve.png, runs/ (TensorBoard), train_summary.json, train_config.json (the resolved config)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -21,7 +22,7 @@ import os
 from .checkpoints import check_checkpoint_complete, last_complete_checkpoint
 from .config import TrainConfig
 
-FINAL_MODEL_DIR, SUMMARY_FILE = "model", "train_summary.json"
+FINAL_MODEL_DIR, SUMMARY_FILE, CONFIG_FILE = "model", "train_summary.json", "train_config.json"
 
 
 # --------------------------------------------------------------------------- startup checks (no model, no data)
@@ -241,6 +242,10 @@ def run_training(config: TrainConfig, resume: str | bool | None = None, callback
         prepare_deepspeed_runtime()
     # 2.
     args = config.training_arguments(deepspeed=deepspeed_config)
+    if args.should_save:  # what `hf-moe-mt export` puts in the model card
+        os.makedirs(args.output_dir, exist_ok=True)
+        with open(os.path.join(args.output_dir, CONFIG_FILE), "w", encoding="utf-8") as handle:
+            json.dump(dataclasses.asdict(config), handle, indent=1, default=str)
     # 3. + 4. + 5.
     corpus = prepare_corpus(config, args)
     tokenizer = prepare_tokenizer(config, corpus, args)

@@ -24,3 +24,11 @@ def run_dir(tmp_path_factory):
                          decoder_start_token_id=tokenizer.eos_token_id)
     MoEMTForConditionalGeneration(config).save_pretrained(root / "model")
     return root
+
+
+@pytest.fixture(scope="session")
+def exported_dir(run_dir, tmp_path_factory):
+    """`run_dir`'s model exported (weights + tokenizer + card), as `hf-moe-mt export` writes it."""
+    from hf_moe_mt.tools.export import export_model
+
+    return export_model(run_dir / "model", tmp_path_factory.mktemp("exported") / "model", run_dir / "tokenizer").output_dir

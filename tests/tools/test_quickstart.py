@@ -58,7 +58,7 @@ def test_quickstart_builds_trains_exports_and_scores_every_direction(tmp_path, c
     assert [len(samples) for samples in report["samples"].values()] == [3, 3]
     printed = capsys.readouterr().out
     assert "de-en" in printed and "reference" in printed and "translation" in printed
-    for name in ("model/model.safetensors", "model/pipeline_moe_mt.py", "model/README.md",
+    for name in ("model/model.safetensors", "model/pipeline_moe_mt.py", "model/README.md", "evaluation/evaluation.json",
                  "train/loss_curve.png", "train/expert_load.png", "train/corpus", "train/tokenizer"):
         assert (output / name).exists(), name
 

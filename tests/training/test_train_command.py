@@ -100,3 +100,18 @@ def test_training_starts_from_a_pretrained_model_and_its_tokenizer(finished_run,
     assert model.config.dropout == 0.0 and model.config.d_model == 32
     tokenizer_file = (output_dir / "model" / "tokenizer.json").read_text()
     assert tokenizer_file == (finished_run / "model" / "tokenizer.json").read_text()
+
+
+def test_export_of_the_run_reports_its_config_corpus_and_summary(finished_run, tmp_path):
+    from huggingface_hub import ModelCard
+
+    from hf_moe_mt.tools.export import export_model
+
+    config = json.loads((finished_run / "train_config.json").read_text())
+    assert config["training"]["max_steps"] == STEPS and config["model"]["config"]["num_experts"] == 4
+    export_model(finished_run / "model", tmp_path / "export")
+    card = ModelCard.load(tmp_path / "export" / "README.md", ignore_metadata_errors=False)
+    assert f"max_steps: {STEPS}" in card.text and f"global_step {STEPS}" in card.text
+    assert "| de-en |" in card.text  # the corpus's pair counts, from its build_info.json
+    info = json.loads((tmp_path / "export" / "training_info.json").read_text())
+    assert info["corpus"]["counts"]["train"] and info["train_summary"]["global_step"] == STEPS
