@@ -12,7 +12,8 @@ atomically, into its output folder:
 
 evaluation.json: {"schema", "model", "corpus", "split", "dataset": {name, type, split}, "pivot_language",
 "generation": {num_beams, max_new_tokens, batch_size, dtype}, "directions": {"de-en": {bleu, chrf, sentences,
-seconds, sentences_per_second, bleu_signature, chrf_signature}, ...}, "averages": {"x-en": {bleu, chrf,
+seconds, sentences_per_second, looping (share of translations repeating a word 3-gram more than twice: decoding
+loops), bleu_signature, chrf_signature}, ...}, "averages": {"x-en": {bleu, chrf,
 directions}, "en-x": {...}}, "sentences_per_second", "skipped_directions", "sacrebleu_version"}.
 
 Also here, for every tool that reads a corpus split: `load_direction_pairs` (sources and references per
@@ -224,10 +225,11 @@ def load_direction_pairs(corpus_dir, split: str, directions: list[tuple[str, str
 
 
 def _direction_result(hypotheses: list[str], references: list[str], target_language: str, seconds: float) -> dict:
-    from .scoring import score_translations
+    from .scoring import looping_fraction, score_translations
 
     scores = score_translations(hypotheses, references, target_language)
-    return {"bleu": scores["bleu"], "chrf": scores["chrf"], "sentences": len(hypotheses),
+    return {"bleu": scores["bleu"], "chrf": scores["chrf"], "looping": looping_fraction(hypotheses),
+            "sentences": len(hypotheses),
             "seconds": seconds, "sentences_per_second": len(hypotheses) / seconds if seconds else None,
             "bleu_signature": scores["bleu_signature"], "chrf_signature": scores["chrf_signature"]}
 
@@ -248,12 +250,13 @@ def markdown_table(report: dict, title: bool = True) -> str:
     """BLEU / chrF / sentences/s per direction, then the pivot averages (after a title line naming the model)."""
     lines = [f"Evaluation of `{report['model']}` on the {report['split']} split "
              f"(beam {report['generation']['num_beams']}, sacrebleu {report['sacrebleu_version']})", ""] if title else []
-    lines += ["| direction | BLEU | chrF | sentences | sentences/s |", "|---|---|---|---|---|"]
+    lines += ["| direction | BLEU | chrF | looping | sentences | sentences/s |", "|---|---|---|---|---|---|"]
     for name, result in report["directions"].items():
         speed = "–" if result["sentences_per_second"] is None else f"{result['sentences_per_second']:.2f}"
-        lines.append(f"| {name} | {result['bleu']:.2f} | {result['chrf']:.2f} | {result['sentences']} | {speed} |")
+        lines.append(f"| {name} | {result['bleu']:.2f} | {result['chrf']:.2f} | {100 * result['looping']:.0f} % | "
+                     f"{result['sentences']} | {speed} |")
     for name, average in report["averages"].items():
-        lines.append(f"| **{name} average** | {average['bleu']:.2f} | {average['chrf']:.2f} | "
+        lines.append(f"| **{name} average** | {average['bleu']:.2f} | {average['chrf']:.2f} | | "
                      f"{len(average['directions'])} directions | |")
     return "\n".join(lines) + "\n"
 

@@ -7,6 +7,7 @@ Chinese, mecab for Japanese/Korean, 13a otherwise). chrF is sacrebleu's default 
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 from sacrebleu.metrics import BLEU, CHRF
@@ -44,3 +45,18 @@ def score_translations(hypotheses: Sequence[str], references: Sequence[str],
     chrf_score = chrf.corpus_score(list(hypotheses), [list(references)])
     return {"bleu": bleu_score.score, "chrf": chrf_score.score,
             "bleu_signature": str(bleu.get_signature()), "chrf_signature": str(chrf.get_signature())}
+
+
+def max_ngram_repeats(text: str, n: int = 3) -> int:
+    """How often the most frequent word n-gram of `text` occurs: a degenerate decoding loop ("the son of the son of
+    the son of ...") repeats one n-gram many times, a translation rarely more than twice."""
+    words = text.split()
+    counts = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return max(counts.values(), default=0)
+
+
+def looping_fraction(hypotheses: Sequence[str], n: int = 3, max_repeats: int = 2) -> float:
+    """Share of hypotheses in which some word n-gram occurs more than `max_repeats` times."""
+    if not hypotheses:
+        return 0.0
+    return sum(max_ngram_repeats(text, n) > max_repeats for text in hypotheses) / len(hypotheses)

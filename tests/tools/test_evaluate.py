@@ -206,3 +206,13 @@ def test_teacher_forced_loss_is_the_models_own_cross_entropy(exported_dir, run_d
     expected = out.loss - config.router_aux_loss_coef * out.aux_loss - config.router_z_loss_coef * out.z_loss
     assert result["loss"] == pytest.approx(float(expected), rel=1e-5)
     assert result["tokens"] == int((batch["labels"] != -100).sum()) and result["directions"]["de-en"] == result["loss"]
+
+
+def test_a_decoding_loop_is_counted_and_an_ordinary_sentence_is_not():
+    from hf_moe_mt.tools.scoring import looping_fraction, max_ngram_repeats
+
+    loop = "and the children of the children of the children of the children of the hand."
+    assert max_ngram_repeats(loop) == 4 and max_ngram_repeats("In the third year of the reign of Jehoiakim") == 1
+    assert max_ngram_repeats("the son of the son of David") == 2  # a genealogy repeats, but not in a loop
+    assert looping_fraction([loop, "God said", "the son of the son of David"]) == 1 / 3
+    assert looping_fraction([]) == 0.0 and max_ngram_repeats("two words") == 0
