@@ -30,9 +30,10 @@ def register(subparsers) -> None:
     translate.add_argument("--tgt", required=True, help="target language code, e.g. en")
     translate.add_argument("--input", default="-", help="file with one sentence per line (default: stdin)")
     translate.add_argument("--references", help="reference file, one line per input line: print sacrebleu BLEU")
-    translate.add_argument("--num-beams", type=int, default=4)
+    translate.add_argument("--num-beams", type=int, default=None, help="default: the model's generation_config.json")
     translate.add_argument("--batch-size", type=int, default=16)
-    translate.add_argument("--max-new-tokens", type=int, default=256)
+    translate.add_argument("--max-new-tokens", type=int, default=None,
+                           help="default: the model's generation_config.json")
     translate.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                            help="bfloat16: faster beam search on GPUs (~1.15x on CPUs with AVX512-BF16)")
     translate.set_defaults(func=run_translate)
@@ -45,9 +46,10 @@ def register(subparsers) -> None:
     evaluate.add_argument("--directions", help="comma-separated SRC-TGT list, e.g. de-en,en-de (default: every "
                           "direction of the split, both ways around the pivot)")
     evaluate.add_argument("--max-sentences", type=int, help="first N pairs of each direction (default: all)")
-    evaluate.add_argument("--num-beams", type=int, default=4)
+    evaluate.add_argument("--num-beams", type=int, default=None, help="default: the model's generation_config.json")
     evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--max-new-tokens", type=int, default=256)
+    evaluate.add_argument("--max-new-tokens", type=int, default=None,
+                          help="default: the model's generation_config.json")
     evaluate.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     evaluate.add_argument("--device", help="torch device for translation, e.g. cuda:0 (default: CPU)")
     evaluate.add_argument("--output", help="folder to write (default: MODEL-eval-SPLIT next to the model)")

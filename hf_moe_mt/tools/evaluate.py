@@ -152,7 +152,8 @@ def _one_line(text: str) -> str:
 
 def evaluate_model(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike, *, split: str = "test",
                    directions: list[tuple[str, str]] | None = None, max_sentences: int | None = None,
-                   num_beams: int = 4, max_new_tokens: int = 256, batch_size: int = 16, dtype: str = "float32",
+                   num_beams: int | None = None, max_new_tokens: int | None = None, batch_size: int = 16,
+                   dtype: str = "float32", generate_kwargs: dict | None = None,
                    device: str | None = None, output_dir: str | os.PathLike | None = None,
                    overwrite: bool = False, progress: bool = True) -> dict:
     """Translate `split` of the corpus in every requested direction and score it; returns the evaluation.json
@@ -185,6 +186,7 @@ def evaluate_model(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike, 
             bar.set_postfix_str(f"{src_lang}-{tgt_lang}")
             start = time.perf_counter()
             hypotheses = translate(translator, sources, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                   **(generate_kwargs or {}),
                                    src_lang=src_lang, tgt_lang=tgt_lang, batch_size=batch_size, progress=bar)
             seconds = time.perf_counter() - start
             name = f"{src_lang}-{tgt_lang}"
@@ -192,11 +194,18 @@ def evaluate_model(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike, 
             results[name] = _direction_result(texts[name][1], texts[name][2], tgt_lang, seconds)
     dataset, pivot = corpus_facts(Path(corpus_dir), split)
     report = _report(model_dir, corpus_dir, split, dataset, pivot, results, skipped,
-                     dict(num_beams=num_beams, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype))
+                     generation_settings(translator.model, num_beams, max_new_tokens, batch_size, dtype, generate_kwargs))
     # 5.
     if output is not None:
         write_evaluation(report, texts, output, overwrite)
     return report
+
+
+def generation_settings(model, num_beams, max_new_tokens, batch_size, dtype, generate_kwargs) -> dict:
+    """What decoding ran with: the arguments given, else the model's generation_config.json defaults."""
+    defaults = model.generation_config
+    return {"num_beams": num_beams or defaults.num_beams, "max_new_tokens": max_new_tokens or defaults.max_new_tokens,
+            "batch_size": batch_size, "dtype": dtype, **(generate_kwargs or {})}
 
 
 def load_direction_pairs(corpus_dir, split: str, directions: list[tuple[str, str]] | None, max_sentences: int | None,

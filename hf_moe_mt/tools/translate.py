@@ -39,9 +39,9 @@ def load_translator(model_dir: str | os.PathLike, src_lang: str | None = None, t
                     device=device, batch_size=batch_size)
 
 
-def translate(translator, texts: list[str], num_beams: int = 4, max_new_tokens: int = 256, *,
+def translate(translator, texts: list[str], num_beams: int | None = None, max_new_tokens: int | None = None, *,
               src_lang: str | None = None, tgt_lang: str | None = None, batch_size: int = 16,
-              progress=None) -> list[str]:
+              progress=None, **generate_kwargs) -> list[str]:
     """Translations of `texts`, in input order.
 
     1. Empty or whitespace-only texts translate to "" and never reach the model.
@@ -50,10 +50,13 @@ def translate(translator, texts: list[str], num_beams: int = 4, max_new_tokens: 
     3. Batches of `batch_size` through the pipeline; `progress` (a tqdm bar) advances by each batch.
     4. Results go back to input order.
     `src_lang`/`tgt_lang` override the languages the pipeline was built with (one loaded model, any direction).
+    `num_beams`, `max_new_tokens` and `generate_kwargs` left out fall back to the model's generation_config.json.
     """
-    # The decoder cannot go past its position table (its first position holds the start token).
-    max_new_tokens = min(max_new_tokens, translator.model.config.max_position_embeddings - 1)
-    languages = {key: value for key, value in (("src_lang", src_lang), ("tgt_lang", tgt_lang)) if value is not None}
+    if max_new_tokens is not None:  # the decoder cannot go past its position table (its first position: the start)
+        max_new_tokens = min(max_new_tokens, translator.model.config.max_position_embeddings - 1)
+    settings = {"num_beams": num_beams, "max_new_tokens": max_new_tokens, "src_lang": src_lang, "tgt_lang": tgt_lang,
+                **generate_kwargs}
+    settings = {key: value for key, value in settings.items() if value is not None}
     results = [""] * len(texts)
     # 1.
     todo = [index for index, text in enumerate(texts) if text.strip()]
@@ -64,8 +67,7 @@ def translate(translator, texts: list[str], num_beams: int = 4, max_new_tokens: 
     # 3. + 4.
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
-        outputs = translator([texts[i] for i in batch], num_beams=num_beams, max_new_tokens=max_new_tokens,
-                             batch_size=batch_size, **languages)
+        outputs = translator([texts[i] for i in batch], batch_size=batch_size, **settings)
         for index, item in zip(batch, outputs):
             results[index] = item["translation_text"]
         if progress is not None:
