@@ -18,9 +18,13 @@ from torch.nn import functional as F
 from .moe_kernels import ACTIVATIONS, grouped_ffn
 
 
-@dataclass(frozen=True)
+@dataclass
 class RouterInfo:
-    """What one SparseMoE call reports about its routing (for losses, logging and tests)."""
+    """What one SparseMoE call reports about its routing (for losses, logging and tests).
+
+    Not frozen: transformers' exporters rebuild model outputs by setting every tensor attribute in place (dtype
+    and device casts), and a frozen dataclass refuses that.
+    """
 
     aux_loss: torch.Tensor  # scalar fp32: E·Σ_e mean_t(p_e)·frac_e, before dropping; 1.0 = balanced
     z_loss: torch.Tensor  # scalar fp32: mean_t(logsumexp(logits)²)
@@ -188,7 +192,8 @@ class TopKRouter(nn.Module):
 
     def __init__(self, hidden_size: int, num_experts: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        # fp32 written out: `from_config(dtype=bf16)` and `torch.set_default_dtype` must not create a bf16 router
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:

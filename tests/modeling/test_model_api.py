@@ -38,12 +38,39 @@ def test_return_dict_false_gives_tuple_led_by_loss(tiny_model):
     assert torch.equal(as_tuple[0], as_dict.loss) and torch.equal(as_tuple[1], as_dict.logits)
 
 
-def test_base_model_returns_decoder_states_and_aux_loss(tiny_config):
+def test_base_model_returns_decoder_states_and_router_outputs_on_request(tiny_config):
     model = MoEMTModel(tiny_config).eval()
     batch = random_batch()
+    inputs = (batch["input_ids"], batch["attention_mask"])
     with torch.no_grad():
-        out = model(batch["input_ids"], batch["attention_mask"], decoder_input_ids=batch["labels"].clamp_min(3))
-    assert out.last_hidden_state.shape == (3, 7, 32) and out.aux_loss.ndim == 0
+        out = model(*inputs, decoder_input_ids=batch["labels"].clamp_min(3))
+        routed = model(*inputs, decoder_input_ids=batch["labels"].clamp_min(3), output_router_logits=True)
+    assert out.last_hidden_state.shape == (3, 7, 32) and len(out.to_tuple()) == 3  # states, cache, encoder states
+    assert out.aux_loss is None and out.encoder_router_logits is None and out.decoder_router_info is None
+    torch.testing.assert_close(routed.last_hidden_state, out.last_hidden_state, rtol=0, atol=0)
+    assert routed.aux_loss.ndim == 0 and len(routed.encoder_router_logits) == len(routed.decoder_router_info) == 1
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_router_outputs_only_on_request_or_with_labels(tiny_model, labels):
+    """Without labels or `output_router_logits` the output has a dense model's fields; labels add the router
+    losses that are part of the loss (not the logits); `output_router_logits` adds everything."""
+    batch = random_batch()
+    if not labels:
+        batch.pop("labels")
+        batch["decoder_input_ids"] = torch.full((3, 4), 5)
+    with torch.no_grad():
+        out = tiny_model(**batch)
+        routed = tiny_model(**batch, output_router_logits=True)
+    assert (out.aux_loss is not None) == labels and (out.z_loss is not None) == labels
+    assert out.encoder_router_logits is None and out.encoder_router_info is None and out.decoder_router_info is None
+    # (loss,) logits, cache, encoder states (+ aux, z and both per stack)
+    assert len(out.to_tuple()) == (4 + 6 if labels else 3)
+    assert len(routed.encoder_router_logits) == len(routed.decoder_router_logits) == 1
+    torch.testing.assert_close(routed.logits, out.logits, rtol=0, atol=0)
+    if labels:
+        torch.testing.assert_close(routed.loss, out.loss, rtol=0, atol=0)
+        torch.testing.assert_close(routed.aux_loss, out.aux_loss, rtol=0, atol=0)
 
 
 def test_resize_token_embeddings_keeps_sharing_and_old_rows(tiny_model):
