@@ -84,9 +84,14 @@ def test_auto_model_loads_saved_folder_with_local_classes(tmp_path, tiny_model):
     assert type(loaded) is MoEMTForConditionalGeneration
 
 
-def test_bf16_loading_keeps_router_fp32(tmp_path, tiny_model):
+@pytest.mark.parametrize("path", ["from_pretrained", "from_config"])
+def test_bf16_loading_keeps_router_fp32(tmp_path, tiny_model, path):
     tiny_model.save_pretrained(tmp_path)
-    model = MoEMTForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    if path == "from_pretrained":
+        model = MoEMTForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    else:  # a new model in bf16, then the same weights: the router is created fp32 all the same
+        model = AutoModelForSeq2SeqLM.from_config(tiny_model.config, dtype=torch.bfloat16).eval()
+        model.load_state_dict(tiny_model.state_dict())
     moe = model.model.encoder.layers[1].mlp
     assert moe.gate.weight.dtype == torch.float32
     assert moe.experts.up_proj.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
