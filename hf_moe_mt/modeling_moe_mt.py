@@ -19,10 +19,12 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput, Seq2SeqMoEModelOutput, Seq2SeqMoEOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import is_torchdynamo_compiling
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, is_torchdynamo_compiling
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -129,19 +131,22 @@ class MoEMTSinusoidalPositionalEmbedding(nn.Module):
         return F.embedding(position_ids, self.weight)  # [B, S, D] fp32; the caller casts to the model dtype
 
 
-def make_position_ids(attention_mask: torch.Tensor | None, seq_length: int, past_length: int, device) -> torch.Tensor:
+def make_position_ids(attention_mask: torch.Tensor | None, seq_length: int, past_length, device) -> torch.Tensor:
     """0-based positions of the current `seq_length` tokens ([1 or B, S]).
 
     Padding does not advance the count, so a sentence gets the same positions alone and in a left- or
-    right-padded batch; the mask may cover past + current tokens (cached decoding).
+    right-padded batch; the mask may cover past + current tokens (cached decoding). `past_length` is an int, or a
+    0-d tensor for a static cache (which counts on the device, so a compiled decoding step needs no host sync).
     """
     if attention_mask is None:
-        return torch.arange(past_length, past_length + seq_length, device=device).unsqueeze(0)
+        return (torch.arange(seq_length, device=device) + past_length).unsqueeze(0)
     positions = attention_mask.long().cumsum(-1) - 1
     return positions[:, -seq_length:].clamp_min(0)
 
 
-def check_positions(num_positions: int, seq_length: int, past_length: int) -> None:
+def check_positions(num_positions: int, seq_length: int, past_length) -> None:
+    if torch.is_tensor(past_length) and is_torchdynamo_compiling():
+        return  # a static cache's device-side length: branching on it would break the compiled graph
     if past_length + seq_length > num_positions:
         raise ValueError(
             f"a sequence of {past_length + seq_length} tokens exceeds max_position_embeddings={num_positions}; "
@@ -160,7 +165,9 @@ def build_positional_embedding(config: MoEMTConfig) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def eager_attention_forward(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+def eager_attention_forward(
+    module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs: Unpack[TransformersKwargs]
+):
     """Reference attention: [B, H, S, Dh] inputs → ([B, S, H, Dh], [B, H, S, S_k] weights)."""
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
@@ -189,7 +196,10 @@ class MoEMTAttention(nn.Module):
         self.v_proj = Linear(config.d_model, config.d_model)
         self.out_proj = Linear(config.d_model, config.d_model)
 
-    def forward(self, hidden_states, key_value_states=None, cache: Cache | None = None, attention_mask=None, **kwargs):
+    def forward(
+        self, hidden_states, key_value_states=None, cache: Cache | None = None, attention_mask=None,
+        **kwargs: Unpack[FlashAttentionKwargs],
+    ):
         """1. queries  2. keys/values: fresh, or cached cross-attention ones  3. attention  4. output projection."""
         is_cross_attention = key_value_states is not None
         input_shape = hidden_states.shape[:-1]
@@ -334,7 +344,7 @@ class MoEMTEncoderLayer(MoEMTLayer):
         self.self_attn = MoEMTAttention(config, config.encoder_attention_heads)
         self._init_feed_forward(config, "encoder")
 
-    def forward(self, hidden_states, attention_mask=None, padding_mask=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, padding_mask=None, **kwargs: Unpack[TransformersKwargs]):
         """`attention_mask`: the 4-D (or None) mask for attention; `padding_mask` [B, S]: 1 = real token (MoE)."""
         attn_out, _ = self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, **kwargs)
         hidden_states = self._residual(hidden_states, attn_out)
@@ -363,7 +373,7 @@ class MoEMTDecoderLayer(MoEMTLayer):
         padding_mask=None,
         cache: Cache | None = None,
         use_cache: bool | None = True,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ):
         attn_out, _ = self.self_attn(
             self.self_attn_layer_norm(hidden_states), cache=cache, attention_mask=attention_mask, **kwargs
@@ -452,9 +462,14 @@ class MoEMTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoEMTEncoderLayer", "MoEMTDecoderLayer"]
     _supports_sdpa = True
+    # attention goes through `ALL_ATTENTION_FUNCTIONS` with the standard [B, H, S, Dh] call, so registered backends
+    # (kernels hub, custom `AttentionInterface` functions) plug in
+    _supports_attention_backend = True
     _supports_flash_attn = False
     _supports_flex_attn = False
-    _can_compile_fullgraph = False  # the MoE layers sync with the host (token counts per expert)
+    # Decoding steps compile without graph breaks: generation routes dropless (`router_dropless_generation`, the
+    # default), whose shapes depend only on the batch, and the experts run as one opaque operator (moe.py).
+    _can_compile_fullgraph = True
     # The router is computed in fp32 anyway; keeping its weight fp32 under bf16 keeps top-k choices stable.
     _keep_in_fp32_modules_strict = ["mlp.gate"]
 
@@ -511,7 +526,10 @@ class MoEMTEncoder(MoEMTPreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_router_logits=None, **kwargs):
+    def forward(
+        self, input_ids=None, attention_mask=None, inputs_embeds=None, output_router_logits=None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoEMTEncoderOutput:
         """1. embed tokens + positions  2. masks  3. layers (collect MoE router info)  4. final LayerNorm."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds to the encoder")
@@ -575,7 +593,7 @@ class MoEMTDecoder(MoEMTPreTrainedModel):
         inputs_embeds=None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoEMTDecoderOutput:
         """1. embed tokens + positions (after the cached ones)  2. masks  3. layers  4. final LayerNorm."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -588,11 +606,14 @@ class MoEMTDecoder(MoEMTPreTrainedModel):
         batch_size, seq_length = inputs_embeds.shape[:2]
         past_length = cache.get_seq_length() if cache is not None else 0
         check_positions(self.config.max_position_embeddings, seq_length, past_length)
-        position_ids = make_position_ids(attention_mask, seq_length, past_length, inputs_embeds.device)
+        # [B, past + L] of 1/0, or a 4-D mask `generate` built ahead of a compiled step (static cache): then every
+        # current token is real and follows the cached ones
+        token_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+        position_ids = make_position_ids(token_mask, seq_length, past_length, inputs_embeds.device)
         hidden_states = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)
         hidden_states = F.dropout(hidden_states, p=self.config.dropout, training=self.training)
         # 2. The MoE padding mask covers only the current tokens; the attention mask covers past + current.
-        padding_mask = None if attention_mask is None else attention_mask[:, -seq_length:]
+        padding_mask = None if token_mask is None else token_mask[:, -seq_length:]
         if attention_mask is None and not is_torchdynamo_compiling():
             attention_mask = torch.ones(batch_size, past_length + seq_length, device=inputs_embeds.device)
         self_attn_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
@@ -688,7 +709,7 @@ class MoEMTModel(MoEMTPreTrainedModel):
         decoder_inputs_embeds=None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoEMTModelOutput:
         """1. encoder (skipped when `encoder_outputs` are given, as in generation)  2. decoder  3. router outputs
         (on request)."""
@@ -789,7 +810,7 @@ class MoEMTForConditionalGeneration(MoEMTPreTrainedModel, GenerationMixin):
         labels=None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoEMTSeq2SeqLMOutput:
         """1. decoder inputs from labels  2. model + LM head  3. loss = CE + coef·aux + coef·z (with labels).
 

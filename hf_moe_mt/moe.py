@@ -8,6 +8,7 @@ D hidden size, F expert ffn size, E experts, K top-k, P = T·K (token, expert) p
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 from dataclasses import dataclass
 
@@ -201,6 +202,22 @@ class TopKRouter(nn.Module):
         return F.linear(hidden_states.float(), self.weight.float())
 
 
+def _grouped_ffn_op(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                    w2: torch.Tensor, b2: torch.Tensor, activation: str) -> torch.Tensor:
+    return grouped_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation)
+
+
+# torch.compile cannot trace the experts: each one's row count is data (on CPU read with `.tolist()`). A compiled
+# forward therefore calls them as one opaque operator, so decoding compiles without a graph break. Inside, CUDA runs
+# grouped GEMMs on device-side offsets (no host sync); on CPU reading the counts costs nothing. Inference only: no
+# autograd is registered, so a compiled training step keeps the plain call (and its graph break). One namespace
+# per loaded copy of this file (the package and Hub remote code may both be imported in one process).
+_OP_NAMESPACE = re.sub(r"\W", "_", __name__)
+opaque_grouped_ffn = torch.library.custom_op(f"{_OP_NAMESPACE}::grouped_ffn", mutates_args=())(_grouped_ffn_op)
+opaque_grouped_ffn.register_fake(lambda x, tokens_per_expert, w1, b1, w2, b2, activation: x.new_empty(
+    x.shape[0], w2.shape[1]))
+
+
 class GroupedExperts(nn.Module):
     """`mlp.experts`: E two-layer FFNs stored as stacked tensors, experts on dim 0.
 
@@ -227,7 +244,8 @@ class GroupedExperts(nn.Module):
         nn.init.zeros_(self.down_proj_bias)
 
     def forward(self, hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        return grouped_ffn(
+        experts = opaque_grouped_ffn if torch.compiler.is_compiling() and not torch.is_grad_enabled() else grouped_ffn
+        return experts(
             hidden_states, tokens_per_expert, self.up_proj, self.up_proj_bias,
             self.down_proj, self.down_proj_bias, self.activation,
         )
