@@ -29,6 +29,32 @@ def test_eager_attention_equals_sdpa():
     torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
 
 
+def test_registered_attention_backend_serves_every_attention():
+    """An attention function registered with transformers' AttentionInterface (plus the mask format it wants) is
+    what every self- and cross-attention calls, with the model's standard [B, H, S, Dh] arguments."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    calls = []
+
+    def counting_sdpa(module, query, key, value, attention_mask, **kwargs):
+        calls.append((module.is_causal, query.shape[1:], key.shape[1:]))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("test_counting_sdpa", counting_sdpa)
+    AttentionMaskInterface.register("test_counting_sdpa", sdpa_mask)
+    batch = random_batch()
+    with torch.no_grad():
+        expected = make_model(attn_implementation="sdpa")(**batch).logits
+        logits = make_model(attn_implementation="test_counting_sdpa")(**batch).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    heads, head_dim = 4, 8
+    assert sorted(calls) == sorted([(False, (heads, 9, head_dim), (heads, 9, head_dim))] * 2  # encoder self
+                                   + [(True, (heads, 7, head_dim), (heads, 7, head_dim))] * 2  # decoder self
+                                   + [(False, (heads, 7, head_dim), (heads, 9, head_dim))] * 2)  # cross
+
+
 def test_return_dict_false_gives_tuple_led_by_loss(tiny_model):
     batch = random_batch()
     with torch.no_grad():
@@ -135,3 +161,15 @@ def test_model_in_training_mode_routes_with_rts_and_capacity():
     assert model.config.router_use_rts
     out = model(**random_batch(), output_router_logits=True)
     assert all(0 < float(info.dropped_fraction) < 1 for info in out.encoder_router_info)
+
+
+def test_router_outputs_survive_transformers_exporter_casts(tiny_model):
+    """transformers' exporters cast every tensor of a model output in place (dtype, device), RouterInfo's too."""
+    from transformers.exporters.utils import cast_leaf_tensors
+
+    with torch.no_grad():
+        out = tiny_model(**random_batch(), output_router_logits=True)
+    cast = cast_leaf_tensors(out, torch.bfloat16, torch.device("cpu"))
+    info = cast.encoder_router_info[0]
+    assert info.router_logits.dtype == info.aux_loss.dtype == torch.bfloat16
+    assert info.tokens_per_expert.dtype == torch.int64  # integer tensors keep their dtype
