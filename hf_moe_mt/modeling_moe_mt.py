@@ -788,11 +788,16 @@ class MoEMTForConditionalGeneration(MoEMTPreTrainedModel, GenerationMixin):
         """Beam search reorders only the self-attention cache. Beam indices never leave a sentence's group
         of beams, and every beam of a sentence attends over the same encoder rows, so a row's own
         cross-attention keys/values are what a reorder would copy in (and what generation without a cache
-        computes); skipping it saves 2 copies of [B·beams, heads, source length, head dim] per layer and step."""
-        if isinstance(cache, EncoderDecoderCache):
-            cache.self_attention_cache.reorder_cache(beam_idx)
-        else:
-            cache.reorder_cache(beam_idx)
+        computes); skipping it saves 2 copies of [B·beams, heads, source length, head dim] per layer and step.
+        A static cache is reordered in place: compiled decoding steps (CUDA graphs) hold its tensors' addresses."""
+        self_attention = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        if not self_attention.is_compileable:
+            self_attention.reorder_cache(beam_idx)
+            return cache
+        for layer in self_attention.layers:
+            if layer.is_initialized:
+                layer.keys.copy_(layer.keys.index_select(0, beam_idx.to(layer.keys.device)))
+                layer.values.copy_(layer.values.index_select(0, beam_idx.to(layer.values.device)))
         return cache
 
     @can_return_tuple
