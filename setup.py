@@ -26,7 +26,8 @@ setup(
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.16"],
-        "dev": ["pytest>=8.0", "deepspeed>=0.16", "tensorboard>=2.14"],
+        # parameterized, httpx: imported by transformers' common model tests (tests/conformance)
+        "dev": ["pytest>=8.0", "deepspeed>=0.16", "tensorboard>=2.14", "parameterized", "httpx"],
     },
     entry_points={"console_scripts": ["hf-moe-mt=hf_moe_mt.cli:main"]},
 )

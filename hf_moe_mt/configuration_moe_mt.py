@@ -35,6 +35,9 @@ class MoEMTConfig(PreTrainedConfig):
     - `expert_parallel_size`: only validated here (`num_experts % expert_parallel_size == 0`); the model is
       always built with all experts, parallelism is applied from outside.
     - `position_embedding_type`: "sinusoidal" (M2M100's table, no parameters) or "learned".
+    - `output_router_logits`: the forward's default for returning router logits, RouterInfo and the router losses
+      (labels alone add only the losses, which are part of the loss).
+    - `tie_word_embeddings`: ties the LM head to the shared token table; encoder and decoder share it always.
     - `activation_dropout` applies inside dense FFNs only; the experts of `hf_moe_mt.moe.SparseMoE` have none.
     - `embedding_init_std`: std of the token embedding at initialisation (None = `init_std`, as M2M100). With
       `scale_embedding` the model reads embedding·√d_model, so `d_model**-0.5` (fairseq's transformer) makes token

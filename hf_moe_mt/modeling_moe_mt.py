@@ -10,27 +10,28 @@ Legend: B batch, S source length, L target length, D d_model, F ffn size, E expe
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
+from transformers.modeling_flash_attention_utils import FlashAttentionKwargs
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput, ModelOutput, Seq2SeqMoEModelOutput, Seq2SeqMoEOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import is_torchdynamo_compiling
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, is_torchdynamo_compiling
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_moe_mt import MoEMTConfig
 from .cpu_gemm import Linear
-from .moe import RouterInfo, SparseMoE
+from .moe import GroupedExperts, RouterInfo, SparseMoE, TopKRouter
 from .moe_kernels import activation_forward
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,19 +131,22 @@ class MoEMTSinusoidalPositionalEmbedding(nn.Module):
         return F.embedding(position_ids, self.weight)  # [B, S, D] fp32; the caller casts to the model dtype
 
 
-def make_position_ids(attention_mask: torch.Tensor | None, seq_length: int, past_length: int, device) -> torch.Tensor:
+def make_position_ids(attention_mask: torch.Tensor | None, seq_length: int, past_length, device) -> torch.Tensor:
     """0-based positions of the current `seq_length` tokens ([1 or B, S]).
 
     Padding does not advance the count, so a sentence gets the same positions alone and in a left- or
-    right-padded batch; the mask may cover past + current tokens (cached decoding).
+    right-padded batch; the mask may cover past + current tokens (cached decoding). `past_length` is an int, or a
+    0-d tensor for a static cache (which counts on the device, so a compiled decoding step needs no host sync).
     """
     if attention_mask is None:
-        return torch.arange(past_length, past_length + seq_length, device=device).unsqueeze(0)
+        return (torch.arange(seq_length, device=device) + past_length).unsqueeze(0)
     positions = attention_mask.long().cumsum(-1) - 1
     return positions[:, -seq_length:].clamp_min(0)
 
 
-def check_positions(num_positions: int, seq_length: int, past_length: int) -> None:
+def check_positions(num_positions: int, seq_length: int, past_length) -> None:
+    if torch.is_tensor(past_length) and is_torchdynamo_compiling():
+        return  # a static cache's device-side length: branching on it would break the compiled graph
     if past_length + seq_length > num_positions:
         raise ValueError(
             f"a sequence of {past_length + seq_length} tokens exceeds max_position_embeddings={num_positions}; "
@@ -161,7 +165,9 @@ def build_positional_embedding(config: MoEMTConfig) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def eager_attention_forward(module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs):
+def eager_attention_forward(
+    module, query, key, value, attention_mask, scaling: float, dropout: float = 0.0, **kwargs: Unpack[TransformersKwargs]
+):
     """Reference attention: [B, H, S, Dh] inputs → ([B, S, H, Dh], [B, H, S, S_k] weights)."""
     attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
@@ -190,7 +196,10 @@ class MoEMTAttention(nn.Module):
         self.v_proj = Linear(config.d_model, config.d_model)
         self.out_proj = Linear(config.d_model, config.d_model)
 
-    def forward(self, hidden_states, key_value_states=None, cache: Cache | None = None, attention_mask=None, **kwargs):
+    def forward(
+        self, hidden_states, key_value_states=None, cache: Cache | None = None, attention_mask=None,
+        **kwargs: Unpack[FlashAttentionKwargs],
+    ):
         """1. queries  2. keys/values: fresh, or cached cross-attention ones  3. attention  4. output projection."""
         is_cross_attention = key_value_states is not None
         input_shape = hidden_states.shape[:-1]
@@ -311,17 +320,23 @@ class MoEMTLayer(GradientCheckpointingLayer):
     def _residual(self, residual: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         return residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
 
-    def _feed_forward(self, hidden_states, padding_mask) -> tuple[torch.Tensor, RouterInfo | None]:
+    def _feed_forward(self, hidden_states, padding_mask):
+        """→ (hidden_states, aux_loss, z_loss, RouterInfo); the last three are None in a dense layer.
+
+        The router losses are also returned on their own, next to the RouterInfo that holds them: reentrant
+        gradient checkpointing connects only the tensors a checkpointed layer returns directly to the graph, so
+        the losses inside RouterInfo would come back without their gradient.
+        """
         normed = self.mlp_layer_norm(hidden_states)
-        if self.is_sparse:
-            out, router_info = self.mlp(normed, padding_mask=padding_mask)
-        else:
-            out, router_info = self.mlp(normed), None
-        return self._residual(hidden_states, out), router_info
+        if not self.is_sparse:
+            return self._residual(hidden_states, self.mlp(normed)), None, None, None
+        out, info = self.mlp(normed, padding_mask=padding_mask)
+        return self._residual(hidden_states, out), info.aux_loss, info.z_loss, info
 
 
 class MoEMTEncoderLayer(MoEMTLayer):
-    """x + SelfAttn(LN(x)), then x + FFN(LN(x)). forward → ([B, S, D], RouterInfo or None)."""
+    """x + SelfAttn(LN(x)), then x + FFN(LN(x)). forward → ([B, S, D], aux_loss, z_loss, RouterInfo), see
+    `MoEMTLayer._feed_forward`."""
 
     def __init__(self, config: MoEMTConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -329,7 +344,7 @@ class MoEMTEncoderLayer(MoEMTLayer):
         self.self_attn = MoEMTAttention(config, config.encoder_attention_heads)
         self._init_feed_forward(config, "encoder")
 
-    def forward(self, hidden_states, attention_mask=None, padding_mask=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, padding_mask=None, **kwargs: Unpack[TransformersKwargs]):
         """`attention_mask`: the 4-D (or None) mask for attention; `padding_mask` [B, S]: 1 = real token (MoE)."""
         attn_out, _ = self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, **kwargs)
         hidden_states = self._residual(hidden_states, attn_out)
@@ -338,7 +353,7 @@ class MoEMTEncoderLayer(MoEMTLayer):
 
 class MoEMTDecoderLayer(MoEMTLayer):
     """x + CausalSelfAttn(LN(x)), x + CrossAttn(LN(x), encoder), x + FFN(LN(x)).
-    forward → ([B, L, D], RouterInfo or None)."""
+    forward → ([B, L, D], aux_loss, z_loss, RouterInfo), see `MoEMTLayer._feed_forward`."""
 
     def __init__(self, config: MoEMTConfig, layer_idx: int):
         super().__init__(config, layer_idx)
@@ -358,7 +373,7 @@ class MoEMTDecoderLayer(MoEMTLayer):
         padding_mask=None,
         cache: Cache | None = None,
         use_cache: bool | None = True,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ):
         attn_out, _ = self.self_attn(
             self.self_attn_layer_norm(hidden_states), cache=cache, attention_mask=attention_mask, **kwargs
@@ -380,8 +395,8 @@ class MoEMTDecoderLayer(MoEMTLayer):
 
 @dataclass
 class MoEMTEncoderOutput(BaseModelOutput):
-    """Encoder output; `router_info` holds one RouterInfo per MoE layer (always, the aux loss needs it) and
-    `router_logits` their [B, S, E] logits when `output_router_logits=True`."""
+    """Encoder output; with `output_router_logits=True` also `router_info` (one RouterInfo per MoE layer) and
+    `router_logits` (their [B, S, E] logits)."""
 
     router_logits: tuple[torch.Tensor, ...] | None = None
     router_info: tuple[RouterInfo, ...] | None = None
@@ -421,8 +436,9 @@ class MoEMTSeq2SeqLMOutput(Seq2SeqMoEOutput):
     - `loss`: label-smoothed cross-entropy + `router_aux_loss_coef`·`aux_loss` + `router_z_loss_coef`·`z_loss`
       (when `labels` are given).
     - `aux_loss`, `z_loss`: load-balancing and z losses averaged over every MoE layer of encoder and decoder
-      (always returned, also without labels); `encoder_aux_loss`/`decoder_aux_loss`/`encoder_z_loss`/
-      `decoder_z_loss`: the same averages per stack (None for a stack without MoE layers).
+      (returned with labels or `output_router_logits=True`, None otherwise); `encoder_aux_loss`/
+      `decoder_aux_loss`/`encoder_z_loss`/`decoder_z_loss`: the same averages per stack (None for a stack
+      without MoE layers).
     - With `output_router_logits=True`: `encoder_router_logits`/`decoder_router_logits` (one [B, S, E] fp32
       tensor per MoE layer, zeros at padding) and `encoder_router_info`/`decoder_router_info`: one
       `hf_moe_mt.moe.RouterInfo` per MoE layer in layer order, whose `tokens_per_expert` [E] and
@@ -446,21 +462,16 @@ class MoEMTPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["MoEMTEncoderLayer", "MoEMTDecoderLayer"]
     _supports_sdpa = True
+    # attention goes through `ALL_ATTENTION_FUNCTIONS` with the standard [B, H, S, Dh] call, so registered backends
+    # (kernels hub, custom `AttentionInterface` functions) plug in
+    _supports_attention_backend = True
     _supports_flash_attn = False
     _supports_flex_attn = False
-    _can_compile_fullgraph = False  # the MoE layers sync with the host (token counts per expert)
+    # Decoding steps compile without graph breaks: generation routes dropless (`router_dropless_generation`, the
+    # default), whose shapes depend only on the batch, and the experts run as one opaque operator (moe.py).
+    _can_compile_fullgraph = True
     # The router is computed in fp32 anyway; keeping its weight fp32 under bf16 keeps top-k choices stable.
     _keep_in_fp32_modules_strict = ["mlp.gate"]
-
-    def _set_gradient_checkpointing(self, enable=True, gradient_checkpointing_func=checkpoint, every_n_layers=1):
-        """Refuses reentrant checkpointing: it runs each layer under no_grad, so the router losses carried out
-        of the layer in RouterInfo would silently lose their gradients."""
-        if enable and getattr(gradient_checkpointing_func, "keywords", {}).get("use_reentrant", False):
-            raise ValueError(
-                "use_reentrant=True checkpointing detaches the MoE router losses; use the default "
-                "activation_checkpointing_kwargs={'use_reentrant': False}"
-            )
-        super()._set_gradient_checkpointing(enable, gradient_checkpointing_func, every_n_layers)
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)  # Linear / Embedding (padding row zero) / LayerNorm
@@ -470,17 +481,31 @@ class MoEMTPreTrainedModel(PreTrainedModel):
             init.zeros_(module.weight[module.padding_idx])
         elif isinstance(module, MoEMTSinusoidalPositionalEmbedding):
             init.copy_(module.weight, sinusoidal_table(module.num_positions, module.embedding_dim, module.offset))
-        elif isinstance(module, SparseMoE):
-            init.normal_(module.gate.weight, mean=0.0, std=std)
-            init.normal_(module.experts.up_proj, mean=0.0, std=std)
-            init.normal_(module.experts.down_proj, mean=0.0, std=std)
-            init.zeros_(module.experts.up_proj_bias)
-            init.zeros_(module.experts.down_proj_bias)
+        # each module initialises its own parameters: `from_pretrained` skips a module whose own parameters were
+        # all loaded, so a parent (SparseMoE) initialising its children's would leave missing ones uninitialised
+        elif isinstance(module, TopKRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, GroupedExperts):
+            init.normal_(module.up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+            init.zeros_(module.up_proj_bias)
+            init.zeros_(module.down_proj_bias)
+
+
+def _collect_layer_output(layer_output: tuple, router_info: list[RouterInfo]) -> torch.Tensor:
+    """A layer's (hidden_states, aux_loss, z_loss, RouterInfo) → hidden_states. A MoE layer's RouterInfo is kept
+    with the losses the layer returned on their own (the ones that keep their gradient under reentrant checkpointing)."""
+    hidden_states, aux_loss, z_loss, info = layer_output
+    if info is not None:
+        router_info.append(replace(info, aux_loss=aux_loss, z_loss=z_loss))
+    return hidden_states
 
 
 def _router_outputs(router_info: list[RouterInfo], output_router_logits: bool) -> dict:
+    """Router fields of a stack's output: only on request, so positional consumers see the same tuple as a dense
+    model's (`to_tuple()` drops None fields)."""
     if not output_router_logits:
-        return {"router_info": tuple(router_info)}
+        return {}
     return {"router_info": tuple(router_info), "router_logits": tuple(info.router_logits for info in router_info)}
 
 
@@ -493,9 +518,9 @@ class MoEMTEncoder(MoEMTPreTrainedModel):
 
     _can_record_outputs = {"hidden_states": MoEMTEncoderLayer, "attentions": MoEMTAttention}
 
-    def __init__(self, config: MoEMTConfig, embed_tokens: nn.Embedding | None = None):
+    def __init__(self, config: MoEMTConfig):
         super().__init__(config)
-        self.embed_tokens = embed_tokens if embed_tokens is not None else build_token_embedding(config)
+        self.embed_tokens = build_token_embedding(config)
         self.embed_positions = build_positional_embedding(config)
         self.layers = nn.ModuleList([MoEMTEncoderLayer(config, i) for i in range(config.encoder_layers)])
         self.layer_norm = nn.LayerNorm(config.d_model)
@@ -504,7 +529,10 @@ class MoEMTEncoder(MoEMTPreTrainedModel):
 
     @merge_with_config_defaults
     @capture_outputs
-    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_router_logits=None, **kwargs):
+    def forward(
+        self, input_ids=None, attention_mask=None, inputs_embeds=None, output_router_logits=None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> MoEMTEncoderOutput:
         """1. embed tokens + positions  2. masks  3. layers (collect MoE router info)  4. final LayerNorm."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds to the encoder")
@@ -523,9 +551,7 @@ class MoEMTEncoder(MoEMTPreTrainedModel):
         # 3.
         router_info = []
         for layer in self.layers:
-            hidden_states, info = layer(hidden_states, attn_mask, attention_mask, **kwargs)
-            if info is not None:
-                router_info.append(info)
+            hidden_states = _collect_layer_output(layer(hidden_states, attn_mask, attention_mask, **kwargs), router_info)
         # 4.
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -548,9 +574,9 @@ class MoEMTDecoder(MoEMTPreTrainedModel):
         "cross_attentions": OutputRecorder(MoEMTAttention, index=1, layer_name="encoder_attn"),
     }
 
-    def __init__(self, config: MoEMTConfig, embed_tokens: nn.Embedding | None = None):
+    def __init__(self, config: MoEMTConfig):
         super().__init__(config)
-        self.embed_tokens = embed_tokens if embed_tokens is not None else build_token_embedding(config)
+        self.embed_tokens = build_token_embedding(config)
         self.embed_positions = build_positional_embedding(config)
         self.layers = nn.ModuleList([MoEMTDecoderLayer(config, i) for i in range(config.decoder_layers)])
         self.layer_norm = nn.LayerNorm(config.d_model)
@@ -570,7 +596,7 @@ class MoEMTDecoder(MoEMTPreTrainedModel):
         inputs_embeds=None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoEMTDecoderOutput:
         """1. embed tokens + positions (after the cached ones)  2. masks  3. layers  4. final LayerNorm."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -583,11 +609,14 @@ class MoEMTDecoder(MoEMTPreTrainedModel):
         batch_size, seq_length = inputs_embeds.shape[:2]
         past_length = cache.get_seq_length() if cache is not None else 0
         check_positions(self.config.max_position_embeddings, seq_length, past_length)
-        position_ids = make_position_ids(attention_mask, seq_length, past_length, inputs_embeds.device)
+        # [B, past + L] of 1/0, or a 4-D mask `generate` built ahead of a compiled step (static cache): then every
+        # current token is real and follows the cached ones
+        token_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
+        position_ids = make_position_ids(token_mask, seq_length, past_length, inputs_embeds.device)
         hidden_states = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)
         hidden_states = F.dropout(hidden_states, p=self.config.dropout, training=self.training)
         # 2. The MoE padding mask covers only the current tokens; the attention mask covers past + current.
-        padding_mask = None if attention_mask is None else attention_mask[:, -seq_length:]
+        padding_mask = None if token_mask is None else token_mask[:, -seq_length:]
         if attention_mask is None and not is_torchdynamo_compiling():
             attention_mask = torch.ones(batch_size, past_length + seq_length, device=inputs_embeds.device)
         self_attn_cache = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
@@ -601,12 +630,11 @@ class MoEMTDecoder(MoEMTPreTrainedModel):
         # 3. encoder_hidden_states and padding_mask are positional: reentrant gradient checkpointing needs that.
         router_info = []
         for layer in self.layers:
-            hidden_states, info = layer(
+            layer_output = layer(
                 hidden_states, causal_mask, encoder_hidden_states, encoder_attention_mask, padding_mask,
                 cache=cache, use_cache=use_cache, **kwargs,
             )
-            if info is not None:
-                router_info.append(info)
+            hidden_states = _collect_layer_output(layer_output, router_info)
         # 4.
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
@@ -621,16 +649,25 @@ class MoEMTDecoder(MoEMTPreTrainedModel):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+# router outputs beyond the losses: returned only with `output_router_logits` (labels ask for the losses alone)
+ROUTER_DETAIL_FIELDS = ("encoder_router_logits", "decoder_router_logits", "encoder_router_info", "decoder_router_info")
+
+
 def _stack_router_losses(prefix: str, router_info) -> dict:
     aux, z = mean_router_losses(router_info or ())
     return {f"{prefix}_aux_loss": aux, f"{prefix}_z_loss": z}
 
 
 class MoEMTModel(MoEMTPreTrainedModel):
-    """Shared token embedding + encoder + decoder; returns decoder states and the router losses.
+    """Shared token embedding + encoder + decoder; returns decoder states (and, on request, the router outputs).
 
     forward(input_ids [B, S], attention_mask [B, S], decoder_input_ids [B, L], ...) → MoEMTModelOutput with
-    last_hidden_state [B, L, D], `aux_loss`/`z_loss` (means over all MoE layers) and per-stack means.
+    last_hidden_state [B, L, D]; with `output_router_logits=True` also `aux_loss`/`z_loss` (means over all MoE
+    layers), per-stack means, router logits and RouterInfo per MoE layer.
+
+    Encoder and decoder own their embedding modules (the layout of M2M100/NLLB-MoE); `_tied_weights_keys` ties
+    their weights to `shared.weight` when `config.tie_word_embeddings`, so a checkpoint holding any one of the
+    three fills all of them, and `from_pretrained` reports and initialises `shared.weight` when none is there.
     """
 
     _tied_weights_keys = {
@@ -640,10 +677,18 @@ class MoEMTModel(MoEMTPreTrainedModel):
 
     def __init__(self, config: MoEMTConfig):
         super().__init__(config)
-        self.shared = build_token_embedding(config)  # one table for encoder, decoder (and the LM head if tied)
-        self.encoder = MoEMTEncoder(config, self.shared)
-        self.decoder = MoEMTDecoder(config, self.shared)
+        self.shared = build_token_embedding(config)
+        self.encoder = MoEMTEncoder(config)
+        self.decoder = MoEMTDecoder(config)
         self.post_init()
+
+    def get_expanded_tied_weights_keys(self, all_submodels: bool = False) -> dict:
+        """Encoder and decoder embeddings stay tied to `shared` whatever `tie_word_embeddings` says: here that flag
+        unties only the LM head. (transformers' default reading unties every embedding, which would leave `shared`
+        unused and make checkpoints saved with tie_word_embeddings=False miss the encoder/decoder tables.)"""
+        if all_submodels:
+            return super().get_expanded_tied_weights_keys(all_submodels=True)
+        return dict(self._tied_weights_keys)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.shared
@@ -667,9 +712,10 @@ class MoEMTModel(MoEMTPreTrainedModel):
         decoder_inputs_embeds=None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoEMTModelOutput:
-        """1. encoder (skipped when `encoder_outputs` are given, as in generation)  2. decoder  3. router losses."""
+        """1. encoder (skipped when `encoder_outputs` are given, as in generation)  2. decoder  3. router outputs
+        (on request)."""
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         # 1.
@@ -692,9 +738,21 @@ class MoEMTModel(MoEMTPreTrainedModel):
             output_router_logits=output_router_logits, **kwargs,
         )
         # 3.
-        encoder_info = encoder_outputs.get("router_info") or ()
-        decoder_info = decoder_outputs.router_info or ()
-        aux_loss, z_loss = mean_router_losses(encoder_info + decoder_info)
+        router_outputs = {}
+        if output_router_logits:
+            encoder_info = encoder_outputs.get("router_info") or ()
+            decoder_info = decoder_outputs.router_info or ()
+            aux_loss, z_loss = mean_router_losses(encoder_info + decoder_info)
+            router_outputs = dict(
+                encoder_router_logits=encoder_outputs.get("router_logits"),
+                decoder_router_logits=decoder_outputs.router_logits,
+                aux_loss=aux_loss,
+                z_loss=z_loss,
+                **_stack_router_losses("encoder", encoder_info),
+                **_stack_router_losses("decoder", decoder_info),
+                encoder_router_info=encoder_info,
+                decoder_router_info=decoder_info,
+            )
         return MoEMTModelOutput(
             last_hidden_state=decoder_outputs.last_hidden_state,
             cache=decoder_outputs.cache,
@@ -704,14 +762,7 @@ class MoEMTModel(MoEMTPreTrainedModel):
             encoder_last_hidden_state=encoder_outputs.last_hidden_state,
             encoder_hidden_states=encoder_outputs.hidden_states,
             encoder_attentions=encoder_outputs.attentions,
-            encoder_router_logits=encoder_outputs.get("router_logits") if output_router_logits else None,
-            decoder_router_logits=decoder_outputs.router_logits if output_router_logits else None,
-            aux_loss=aux_loss,
-            z_loss=z_loss,
-            **_stack_router_losses("encoder", encoder_info),
-            **_stack_router_losses("decoder", decoder_info),
-            encoder_router_info=encoder_info if output_router_logits else None,
-            decoder_router_info=decoder_info if output_router_logits else None,
+            **router_outputs,
         )
 
 
@@ -740,11 +791,16 @@ class MoEMTForConditionalGeneration(MoEMTPreTrainedModel, GenerationMixin):
         """Beam search reorders only the self-attention cache. Beam indices never leave a sentence's group
         of beams, and every beam of a sentence attends over the same encoder rows, so a row's own
         cross-attention keys/values are what a reorder would copy in (and what generation without a cache
-        computes); skipping it saves 2 copies of [B·beams, heads, source length, head dim] per layer and step."""
-        if isinstance(cache, EncoderDecoderCache):
-            cache.self_attention_cache.reorder_cache(beam_idx)
-        else:
-            cache.reorder_cache(beam_idx)
+        computes); skipping it saves 2 copies of [B·beams, heads, source length, head dim] per layer and step.
+        A static cache is reordered in place: compiled decoding steps (CUDA graphs) hold its tensors' addresses."""
+        self_attention = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
+        if not self_attention.is_compileable:
+            self_attention.reorder_cache(beam_idx)
+            return cache
+        for layer in self_attention.layers:
+            if layer.is_initialized:
+                layer.keys.copy_(layer.keys.index_select(0, beam_idx.to(layer.keys.device)))
+                layer.values.copy_(layer.values.index_select(0, beam_idx.to(layer.values.device)))
         return cache
 
     @can_return_tuple
@@ -762,14 +818,18 @@ class MoEMTForConditionalGeneration(MoEMTPreTrainedModel, GenerationMixin):
         labels=None,
         use_cache: bool | None = None,
         output_router_logits: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MoEMTSeq2SeqLMOutput:
         """1. decoder inputs from labels  2. model + LM head  3. loss = CE + coef·aux + coef·z (with labels).
 
+        Labels ask the model for its router losses (they are part of the loss) and the output then carries
+        `aux_loss`/`z_loss`; router logits and RouterInfo come only with `output_router_logits`.
         `num_items_in_batch` (passed by the Trainer) normalises the CE over the whole accumulated batch and
         weights the router losses by this batch's token share (see `router_loss_weight`).
         """
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        if output_router_logits is None:
+            output_router_logits = self.config.output_router_logits
         # 1.
         if labels is not None and decoder_input_ids is None and decoder_inputs_embeds is None:
             decoder_input_ids = self.prepare_decoder_input_ids_from_labels(labels)
@@ -778,7 +838,7 @@ class MoEMTForConditionalGeneration(MoEMTPreTrainedModel, GenerationMixin):
             input_ids, attention_mask=attention_mask, decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask, encoder_outputs=encoder_outputs, cache=cache,
             inputs_embeds=inputs_embeds, decoder_inputs_embeds=decoder_inputs_embeds, use_cache=use_cache,
-            output_router_logits=output_router_logits, **kwargs,
+            output_router_logits=output_router_logits or labels is not None, **kwargs,
         )
         logits = self.lm_head(outputs.last_hidden_state)  # [B, L, V]
         # 3.
@@ -789,7 +849,8 @@ class MoEMTForConditionalGeneration(MoEMTPreTrainedModel, GenerationMixin):
                 router_loss = (self.config.router_aux_loss_coef * outputs.aux_loss
                                + self.config.router_z_loss_coef * outputs.z_loss)
                 loss = loss + router_loss_weight(labels, num_items_in_batch) * router_loss.to(loss.device)
-        model_fields = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
+        skipped = {"last_hidden_state"} | (set() if output_router_logits else set(ROUTER_DETAIL_FIELDS))
+        model_fields = {key: value for key, value in outputs.items() if key not in skipped}
         return MoEMTSeq2SeqLMOutput(loss=loss, logits=logits, **model_fields)
 
     def generate(self, *args, **kwargs):

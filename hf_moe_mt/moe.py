@@ -8,6 +8,7 @@ D hidden size, F expert ffn size, E experts, K top-k, P = T·K (token, expert) p
 from __future__ import annotations
 
 import math
+import re
 from fractions import Fraction
 from dataclasses import dataclass
 
@@ -18,9 +19,13 @@ from torch.nn import functional as F
 from .moe_kernels import ACTIVATIONS, grouped_ffn
 
 
-@dataclass(frozen=True)
+@dataclass
 class RouterInfo:
-    """What one SparseMoE call reports about its routing (for losses, logging and tests)."""
+    """What one SparseMoE call reports about its routing (for losses, logging and tests).
+
+    Not frozen: transformers' exporters rebuild model outputs by setting every tensor attribute in place (dtype
+    and device casts), and a frozen dataclass refuses that.
+    """
 
     aux_loss: torch.Tensor  # scalar fp32: E·Σ_e mean_t(p_e)·frac_e, before dropping; 1.0 = balanced
     z_loss: torch.Tensor  # scalar fp32: mean_t(logsumexp(logits)²)
@@ -188,12 +193,29 @@ class TopKRouter(nn.Module):
 
     def __init__(self, hidden_size: int, num_experts: int):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        # fp32 written out: `from_config(dtype=bf16)` and `torch.set_default_dtype` must not create a bf16 router
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[T, D] → [T, E] fp32 logits. fp32 because bf16 softmax over experts flips top-k choices."""
         return F.linear(hidden_states.float(), self.weight.float())
+
+
+def _grouped_ffn_op(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                    w2: torch.Tensor, b2: torch.Tensor, activation: str) -> torch.Tensor:
+    return grouped_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation)
+
+
+# torch.compile cannot trace the experts: each one's row count is data (on CPU read with `.tolist()`). A compiled
+# forward therefore calls them as one opaque operator, so decoding compiles without a graph break. Inside, CUDA runs
+# grouped GEMMs on device-side offsets (no host sync); on CPU reading the counts costs nothing. Inference only: no
+# autograd is registered, so a compiled training step keeps the plain call (and its graph break). One namespace
+# per loaded copy of this file (the package and Hub remote code may both be imported in one process).
+_OP_NAMESPACE = re.sub(r"\W", "_", __name__)
+opaque_grouped_ffn = torch.library.custom_op(f"{_OP_NAMESPACE}::grouped_ffn", mutates_args=())(_grouped_ffn_op)
+opaque_grouped_ffn.register_fake(lambda x, tokens_per_expert, w1, b1, w2, b2, activation: x.new_empty(
+    x.shape[0], w2.shape[1]))
 
 
 class GroupedExperts(nn.Module):
@@ -222,7 +244,8 @@ class GroupedExperts(nn.Module):
         nn.init.zeros_(self.down_proj_bias)
 
     def forward(self, hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        return grouped_ffn(
+        experts = opaque_grouped_ffn if torch.compiler.is_compiling() and not torch.is_grad_enabled() else grouped_ffn
+        return experts(
             hidden_states, tokens_per_expert, self.up_proj, self.up_proj_bias,
             self.down_proj, self.down_proj_bias, self.activation,
         )

@@ -7,6 +7,9 @@ first alternates), the table reporting the median over rounds:
   AdamW step, zero_grad;
 - translation: sentences per second of beam-4 `generate`, forced to the same number of new tokens in both
   models (`min_new_tokens == max_new_tokens`), so a random model stopping early cannot win.
+Beam-4 translation of ours is also timed, in the same rounds, with a static self-attention cache, without and
+with `torch.compile` (fullgraph, static shapes, `--compile-backend`); transformers 5.24 compiles `generate` by
+itself only for greedy/sampled decoding, so the compiled copy gets its forward compiled directly.
 On CPU two more rows per metric and round separate the GEMM backend from the rest: ours with every GEMM on
 MKL (`cpu_gemm.use_onednn(False)`: torch's default backend) and NLLB-MoE with its `nn.Linear`s (experts
 included) switched to oneDNN like ours (`cpu_gemm.linear`, forward and backward) — how much of the lead is
@@ -34,6 +37,7 @@ from hf_moe_mt.runtime import keep_freed_memory  # noqa: E402
 KEPT_FREED_MEMORY = keep_freed_memory()  # every row/model alike; HF_MOE_MT_KEEP_FREED_MEMORY=0 opts out
 
 import argparse  # noqa: E402
+import copy  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -60,6 +64,7 @@ class Contender:
     name: str
     model: torch.nn.Module
     extra_forward_kwargs: dict
+    generate_kwargs: dict = field(default_factory=dict)
     optimizer: torch.optim.Optimizer = field(init=False)
     results: dict = field(default_factory=lambda: {"train_tokens_per_s": [], "translate_sentences_per_s": []})
 
@@ -78,7 +83,8 @@ class Contender:
     def translate(self, inputs: dict, beams: int, new_tokens: int, gemm: str = "default") -> None:
         self.model.eval()
         with torch.no_grad(), gemm_backend(self.model, gemm):
-            self.model.generate(**inputs, num_beams=beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+            return self.model.generate(**inputs, num_beams=beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                       **self.generate_kwargs)
 
 
 @contextmanager
@@ -124,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     add("--device", default="cpu")
     add("--no-gemm-variants", action="store_true", help="skip the two CPU rows per metric that swap GEMM backends")
+    add("--compile-backend", default="inductor", help="torch.compile backend of the compiled translation row")
+    add("--no-compile", action="store_true", help="skip the static-cache and compiled beam translation rows")
     add("--seed", type=int, default=0)
     add("--json", default=None, help="also write the results to this JSON file")
     if parser.parse_args(argv).quick:  # tiny defaults; flags given explicitly still win
@@ -188,6 +196,32 @@ def expert_rows_per_token(contender: Contender, batch: dict) -> float:
     return sum(rows) / (num_moe_layers * batch["input_ids"].numel())
 
 
+# ours translating with a static self-attention cache, eagerly and with its forward compiled
+COMPILE_ROWS = ("ours, static cache", "ours, static cache + torch.compile")
+
+
+def static_cache_translators(ours: Contender, backend: str) -> list[Contender]:
+    """Copies of ours that decode into a static cache, the second with its forward compiled (fullgraph, no dynamic
+    shapes: a graph break or recompilation in a decoding step raises instead of slowing down unseen)."""
+    static = Contender(COMPILE_ROWS[0], copy.deepcopy(ours.model), {}, {"cache_implementation": "static"})
+    compiled_model = copy.deepcopy(ours.model)
+    compiled_model.forward = torch.compile(compiled_model.forward, fullgraph=True, dynamic=False, backend=backend)
+    return [static, Contender(COMPILE_ROWS[1], compiled_model, {}, {"cache_implementation": "static"})]
+
+
+def warm_up_static_cache_translators(ours: Contender, translators: list[Contender], inputs: dict, args) -> dict:
+    """One translation each at the measured sizes (a static cache is sized by them, so a compiled decoding step
+    compiles here, not in round 1); returns its seconds and whether every row chose the same tokens as ours."""
+    expected = ours.translate(inputs, args.beams, args.new_tokens)
+    report = {}
+    for contender in translators:
+        start = time.perf_counter()
+        tokens = contender.translate(inputs, args.beams, args.new_tokens)
+        report[contender.name] = {"first_call_s": time.perf_counter() - start,
+                                  "same_tokens_as_dynamic_cache": bool(torch.equal(tokens, expected))}
+    return report
+
+
 def _timed(fn, device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -213,6 +247,8 @@ def run(args) -> dict:
         for _ in range(args.warmup_steps):
             contender.train_step(train_batch)
         contender.translate(translate_inputs, args.beams, 2)
+    compiled_rows = [] if args.no_compile else static_cache_translators(by_name["ours"], args.compile_backend)
+    first_calls = warm_up_static_cache_translators(by_name["ours"], compiled_rows, translate_inputs, args)
     # 2.
     for round_index in range(args.rounds):
         order = contenders if round_index % 2 == 0 else contenders[::-1]
@@ -230,6 +266,9 @@ def run(args) -> dict:
             seconds = _timed(lambda: contender.translate(translate_inputs, args.beams, args.new_tokens, gemm),
                              args.device)
             variant_results[row]["translate_sentences_per_s"].append(args.translate_batch_size / seconds)
+        for contender in compiled_rows:
+            seconds = _timed(lambda: contender.translate(translate_inputs, args.beams, args.new_tokens), args.device)
+            contender.results["translate_sentences_per_s"].append(args.translate_batch_size / seconds)
         print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
     # 3.
     medians = {c.name: {metric: statistics.median(values) for metric, values in c.results.items()}
@@ -237,7 +276,10 @@ def run(args) -> dict:
     ratios = {metric: medians["ours"][metric] / medians["nllb_moe"][metric] for metric in TARGETS}
     parameters = {c.name: sum(p.numel() for p in c.model.parameters()) for c in contenders}
     rows = {c.name: expert_rows_per_token(c, train_batch) for c in contenders}
-    return {"args": vars(args), "parameters": parameters, "expert_rows_per_token": rows,
+    compiled = {c.name: {"per_round": c.results["translate_sentences_per_s"],
+                         "median": statistics.median(c.results["translate_sentences_per_s"]), **first_calls[c.name]}
+                for c in compiled_rows}
+    return {"args": vars(args), "parameters": parameters, "expert_rows_per_token": rows, "static_cache": compiled,
             "per_round": {c.name: c.results for c in contenders},
             "median": medians, "ratio_ours_over_nllb": ratios,
             "gemm_variants": {row: {"per_round": values,
@@ -275,6 +317,7 @@ def format_table(report: dict) -> str:
             lines.append(f"| {row:<27} | {train:>11.1f} | {train / median['nllb_moe']['train_tokens_per_s']:>5.2f}x | "
                          f"{translate:>16.1f} | "
                          f"{translate / median['nllb_moe']['translate_sentences_per_s']:>5.2f}x |")
+    lines += format_static_cache_rows(report)
     rows = report["expert_rows_per_token"]
     lines.append(f"expert FFN rows per token and MoE layer (eval forward): ours {rows['ours']:.2f}, "
                  f"NLLB-MoE {rows['nllb_moe']:.2f}")
@@ -282,6 +325,22 @@ def format_table(report: dict) -> str:
         lines.append("  note: NLLB-MoE (transformers 5.24) computes more than its top-2 expert rows: it passes its "
                      "0/1 dispatch mask to the experts as expert indices (expert_0 runs every unchosen pair)")
     return "\n".join(lines)
+
+
+def format_static_cache_rows(report: dict) -> list[str]:
+    rows = report["static_cache"]
+    if not rows:
+        return []
+    args, dynamic = report["args"], report["median"]["ours"]["translate_sentences_per_s"]
+    lines = ["", f"ours, beam-{args['beams']} translation by cache and compilation (same rounds; torch.compile "
+                 f"backend {args['compile_backend']}, fullgraph):",
+             f"| {'row':<36} | {'sent/s':>8} | {'÷ dynamic':>9} | {'first call s':>12} | {'same tokens':>11} |",
+             f"|{'-' * 38}|{'-' * 10}|{'-' * 11}|{'-' * 14}|{'-' * 13}|",
+             f"| {'ours, dynamic cache (row above)':<36} | {dynamic:>8.2f} | {1:>8.2f}x | {'':>12} | {'':>11} |"]
+    for name, row in rows.items():
+        lines.append(f"| {name:<36} | {row['median']:>8.2f} | {row['median'] / dynamic:>8.2f}x | "
+                     f"{row['first_call_s']:>12.1f} | {str(row['same_tokens_as_dynamic_cache']):>11} |")
+    return lines
 
 
 def main(argv=None) -> dict:

@@ -12,7 +12,8 @@ def test_bench_model_quick_runs_and_writes_json(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = tmp_path / "bench.json"
-    report = bench.main(["--quick", "--rounds", "1", "--json", str(out)])
+    # dynamo tracing without code generation: checks the fullgraph compile in seconds (inductor: ~1 min here)
+    report = bench.main(["--quick", "--rounds", "1", "--json", str(out), "--compile-backend", "eager"])
     assert json.loads(out.read_text())["median"] == report["median"]
     for metric in bench.TARGETS:
         assert report["ratio_ours_over_nllb"][metric] > 0
@@ -24,3 +25,7 @@ def test_bench_model_quick_runs_and_writes_json(tmp_path):
     for variant in variants.values():
         assert set(variant["median"]) == set(bench.TARGETS) and min(variant["median"].values()) > 0
         assert all(len(values) == 1 for values in variant["per_round"].values())
+    static_cache = report["static_cache"]  # beam translation with a static cache, eager and compiled (fullgraph)
+    assert list(static_cache) == list(bench.COMPILE_ROWS)
+    for row in static_cache.values():
+        assert row["same_tokens_as_dynamic_cache"] and row["median"] > 0 and len(row["per_round"]) == 1

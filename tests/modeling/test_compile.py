@@ -1,5 +1,6 @@
-"""torch.compile: the forward compiles and matches eager; graph breaks come only from inside the MoE layer
-(host-synced token counts): every dense module (attention, LayerNorm, Linear) runs inside a compiled graph."""
+"""torch.compile: the forward compiles and matches eager; in a forward with capacity and padding, graph breaks come
+only from inside the MoE layer (data-dependent token counts) and every dense module runs inside a compiled graph.
+Decoding (dropless, static cache) compiles without any graph break, beam search included."""
 
 import logging
 import re
@@ -83,5 +84,36 @@ def test_compiled_forward_handles_a_new_batch_shape():
             batch = random_batch(src_len=src_len)
             with torch.no_grad():
                 torch.testing.assert_close(compiled(**batch).logits, model(**batch).logits, atol=1e-5, rtol=1e-5)
+    finally:
+        torch._dynamo.reset()
+
+
+def _translate(model, batch, **kwargs):
+    with torch.no_grad():
+        return model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=6,
+                              min_new_tokens=6, **kwargs)
+
+
+@pytest.mark.parametrize("num_beams", [1, 4])
+def test_static_cache_translates_like_the_dynamic_cache(num_beams):
+    model, batch = make_model(num_experts_per_tok=2, init_std=0.3), random_batch()
+    expected = _translate(model, batch, num_beams=num_beams)
+    assert len(set(expected[:, 1:].flatten().tolist())) > 2  # a random model that does not repeat one token
+    assert torch.equal(_translate(model, batch, num_beams=num_beams, cache_implementation="static"), expected)
+
+
+def test_compiled_beam_search_has_no_graph_break_and_no_recompilation():
+    """Beam search with a static cache and the forward compiled with fullgraph=True (a graph break raises): the
+    tokens equal eager decoding, and a second batch of the same shape runs without recompiling. backend="eager":
+    dynamo's tracing decides graph breaks, code generation is not needed for that."""
+    model, batch = make_model(num_experts_per_tok=2, init_std=0.3), random_batch()
+    other = random_batch(seed=1)
+    expected = [_translate(model, b, num_beams=4) for b in (batch, other)]
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, fullgraph=True, dynamic=False, backend="eager")
+    try:
+        assert torch.equal(_translate(model, batch, num_beams=4, cache_implementation="static"), expected[0])
+        with torch.compiler.set_stance("fail_on_recompile"):
+            assert torch.equal(_translate(model, other, num_beams=4, cache_implementation="static"), expected[1])
     finally:
         torch._dynamo.reset()

@@ -51,13 +51,17 @@ def test_router_gets_gradient_from_aux_loss_alone():
         assert moe.gate.weight.grad.abs().sum() > 0
 
 
-def test_gradient_checkpointing_gives_identical_gradients():
-    """Training mode with RTS, capacity dropping and dropout: the recompute must replay the same routing."""
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_identical_gradients(use_reentrant):
+    """Training mode with RTS, capacity dropping and dropout: the recompute must replay the same routing, and
+    the router losses keep their gradient also under reentrant checkpointing (which runs each layer under
+    no_grad and reconnects only the tensors the layer returns)."""
     grads = []
     for checkpointing in (False, True):
-        model = make_model(dropout=0.1, capacity_factor=0.5, min_capacity=0, router_jitter_noise=0.1).train()
+        model = make_model(dropout=0.1, capacity_factor=0.5, min_capacity=0, router_jitter_noise=0.1,
+                           router_aux_loss_coef=0.5, router_z_loss_coef=0.1).train()
         if checkpointing:
-            model.activation_checkpointing_enable()
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
         torch.manual_seed(1)
         out = model(**random_batch(), output_router_logits=True)
         out.loss.backward()
@@ -67,10 +71,20 @@ def test_gradient_checkpointing_gives_identical_gradients():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_reentrant_checkpointing_is_refused_with_one_line_error():
-    model = make_model()
-    with pytest.raises(ValueError, match="use_reentrant=True checkpointing detaches the MoE router losses"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_router_losses_keep_their_gradient_under_checkpointing(use_reentrant):
+    """The aux and z losses alone (no cross-entropy) give every router the same gradient with checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        model = make_model(router_use_rts=False).train()
+        if checkpointing:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        out = model(**random_batch(), output_router_logits=True)
+        (out.aux_loss + out.z_loss).backward()
+        grads.append([moe.gate.weight.grad.clone() for moe in model.modules() if isinstance(moe, SparseMoE)])
+    assert all(grad.abs().sum() > 0 for grad in grads[1])
+    for grad, expected in zip(grads[1], grads[0]):
+        torch.testing.assert_close(grad, expected, atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.skipif(not cpu_gemm.onednn_enabled(), reason="torch built without oneDNN")

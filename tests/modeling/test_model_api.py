@@ -29,6 +29,32 @@ def test_eager_attention_equals_sdpa():
     torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
 
 
+def test_registered_attention_backend_serves_every_attention():
+    """An attention function registered with transformers' AttentionInterface (plus the mask format it wants) is
+    what every self- and cross-attention calls, with the model's standard [B, H, S, Dh] arguments."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    calls = []
+
+    def counting_sdpa(module, query, key, value, attention_mask, **kwargs):
+        calls.append((module.is_causal, query.shape[1:], key.shape[1:]))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+    AttentionInterface.register("test_counting_sdpa", counting_sdpa)
+    AttentionMaskInterface.register("test_counting_sdpa", sdpa_mask)
+    batch = random_batch()
+    with torch.no_grad():
+        expected = make_model(attn_implementation="sdpa")(**batch).logits
+        logits = make_model(attn_implementation="test_counting_sdpa")(**batch).logits
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    heads, head_dim = 4, 8
+    assert sorted(calls) == sorted([(False, (heads, 9, head_dim), (heads, 9, head_dim))] * 2  # encoder self
+                                   + [(True, (heads, 7, head_dim), (heads, 7, head_dim))] * 2  # decoder self
+                                   + [(False, (heads, 7, head_dim), (heads, 9, head_dim))] * 2)  # cross
+
+
 def test_return_dict_false_gives_tuple_led_by_loss(tiny_model):
     batch = random_batch()
     with torch.no_grad():
@@ -38,12 +64,39 @@ def test_return_dict_false_gives_tuple_led_by_loss(tiny_model):
     assert torch.equal(as_tuple[0], as_dict.loss) and torch.equal(as_tuple[1], as_dict.logits)
 
 
-def test_base_model_returns_decoder_states_and_aux_loss(tiny_config):
+def test_base_model_returns_decoder_states_and_router_outputs_on_request(tiny_config):
     model = MoEMTModel(tiny_config).eval()
     batch = random_batch()
+    inputs = (batch["input_ids"], batch["attention_mask"])
     with torch.no_grad():
-        out = model(batch["input_ids"], batch["attention_mask"], decoder_input_ids=batch["labels"].clamp_min(3))
-    assert out.last_hidden_state.shape == (3, 7, 32) and out.aux_loss.ndim == 0
+        out = model(*inputs, decoder_input_ids=batch["labels"].clamp_min(3))
+        routed = model(*inputs, decoder_input_ids=batch["labels"].clamp_min(3), output_router_logits=True)
+    assert out.last_hidden_state.shape == (3, 7, 32) and len(out.to_tuple()) == 3  # states, cache, encoder states
+    assert out.aux_loss is None and out.encoder_router_logits is None and out.decoder_router_info is None
+    torch.testing.assert_close(routed.last_hidden_state, out.last_hidden_state, rtol=0, atol=0)
+    assert routed.aux_loss.ndim == 0 and len(routed.encoder_router_logits) == len(routed.decoder_router_info) == 1
+
+
+@pytest.mark.parametrize("labels", [False, True])
+def test_router_outputs_only_on_request_or_with_labels(tiny_model, labels):
+    """Without labels or `output_router_logits` the output has a dense model's fields; labels add the router
+    losses that are part of the loss (not the logits); `output_router_logits` adds everything."""
+    batch = random_batch()
+    if not labels:
+        batch.pop("labels")
+        batch["decoder_input_ids"] = torch.full((3, 4), 5)
+    with torch.no_grad():
+        out = tiny_model(**batch)
+        routed = tiny_model(**batch, output_router_logits=True)
+    assert (out.aux_loss is not None) == labels and (out.z_loss is not None) == labels
+    assert out.encoder_router_logits is None and out.encoder_router_info is None and out.decoder_router_info is None
+    # (loss,) logits, cache, encoder states (+ aux, z and both per stack)
+    assert len(out.to_tuple()) == (4 + 6 if labels else 3)
+    assert len(routed.encoder_router_logits) == len(routed.decoder_router_logits) == 1
+    torch.testing.assert_close(routed.logits, out.logits, rtol=0, atol=0)
+    if labels:
+        torch.testing.assert_close(routed.loss, out.loss, rtol=0, atol=0)
+        torch.testing.assert_close(routed.aux_loss, out.aux_loss, rtol=0, atol=0)
 
 
 def test_resize_token_embeddings_keeps_sharing_and_old_rows(tiny_model):
@@ -108,3 +161,15 @@ def test_model_in_training_mode_routes_with_rts_and_capacity():
     assert model.config.router_use_rts
     out = model(**random_batch(), output_router_logits=True)
     assert all(0 < float(info.dropped_fraction) < 1 for info in out.encoder_router_info)
+
+
+def test_router_outputs_survive_transformers_exporter_casts(tiny_model):
+    """transformers' exporters cast every tensor of a model output in place (dtype, device), RouterInfo's too."""
+    from transformers.exporters.utils import cast_leaf_tensors
+
+    with torch.no_grad():
+        out = tiny_model(**random_batch(), output_router_logits=True)
+    cast = cast_leaf_tensors(out, torch.bfloat16, torch.device("cpu"))
+    info = cast.encoder_router_info[0]
+    assert info.router_logits.dtype == info.aux_loss.dtype == torch.bfloat16
+    assert info.tokens_per_expert.dtype == torch.int64  # integer tensors keep their dtype

@@ -32,8 +32,31 @@ def test_save_load_gives_bit_identical_logits(tmp_path, tie_word_embeddings):
         assert torch.equal(loaded(**batch).logits, expected)
     for name, tensor in model.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], tensor), name
-    assert loaded.model.encoder.embed_tokens is loaded.model.shared is loaded.model.decoder.embed_tokens
-    assert (loaded.lm_head.weight is loaded.model.shared.weight) == tie_word_embeddings
+    shared = loaded.model.shared.weight  # encoder and decoder always share it; the LM head only when tied
+    assert loaded.model.encoder.embed_tokens.weight is shared and loaded.model.decoder.embed_tokens.weight is shared
+    assert (loaded.lm_head.weight is shared) == tie_word_embeddings
+
+
+@pytest.mark.parametrize("tie_word_embeddings", [True, False])
+@pytest.mark.parametrize("stored", ["model.shared.weight", "model.encoder.embed_tokens.weight", None])
+def test_embedding_tables_are_filled_from_any_tied_copy(tmp_path, tie_word_embeddings, stored):
+    """A checkpoint may hold the token table under any of its tied names (or none: then it is reported missing
+    and initialised, never left on the meta device); encoder and decoder always end up sharing it."""
+    model = make_model(tie_word_embeddings=tie_word_embeddings)
+    state = {name: tensor for name, tensor in model.state_dict().items() if not name.endswith("embed_tokens.weight")
+             and name != "model.shared.weight" and (tie_word_embeddings is False or name != "lm_head.weight")}
+    if stored is not None:
+        state[stored] = model.state_dict()["model.shared.weight"]
+    model.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = MoEMTForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    shared = loaded.model.shared.weight
+    assert shared.device.type == "cpu" and loaded.model.encoder.embed_tokens.weight is shared
+    assert loaded.model.decoder.embed_tokens.weight is shared
+    if stored is None:
+        assert "model.shared.weight" in info["missing_keys"] and shared.abs().sum() > 0
+    else:
+        assert info["missing_keys"] == set() and torch.equal(shared, model.model.shared.weight)
 
 
 def test_save_writes_safetensors_auto_map_and_code(tmp_path, tiny_model):
@@ -61,9 +84,14 @@ def test_auto_model_loads_saved_folder_with_local_classes(tmp_path, tiny_model):
     assert type(loaded) is MoEMTForConditionalGeneration
 
 
-def test_bf16_loading_keeps_router_fp32(tmp_path, tiny_model):
+@pytest.mark.parametrize("path", ["from_pretrained", "from_config"])
+def test_bf16_loading_keeps_router_fp32(tmp_path, tiny_model, path):
     tiny_model.save_pretrained(tmp_path)
-    model = MoEMTForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    if path == "from_pretrained":
+        model = MoEMTForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    else:  # a new model in bf16, then the same weights: the router is created fp32 all the same
+        model = AutoModelForSeq2SeqLM.from_config(tiny_model.config, dtype=torch.bfloat16).eval()
+        model.load_state_dict(tiny_model.state_dict())
     moe = model.model.encoder.layers[1].mlp
     assert moe.gate.weight.dtype == torch.float32
     assert moe.experts.up_proj.dtype == torch.bfloat16 and model.lm_head.weight.dtype == torch.bfloat16
