@@ -28,8 +28,9 @@ def main(argv=None) -> int:
     args = experiment_parser(__doc__, default_steps=400).parse_args(argv)
     experiment = Experiment("moe_vs_dense", args, ROUTING)
     data = experiment.data_overrides()
-    runs, results = [], {"experiment": "moe_vs_dense", "machine": machine(), "config": args.config,
-                         "steps": args.steps, "overrides": experiment.common, "runs": runs}
+    runs = []
+    results = {"experiment": "moe_vs_dense", "machine": machine(), "config": args.config,
+               "steps": args.steps, "overrides": experiment.common, "runs": runs}
     for seed in experiment.seeds:
         for arm in ARMS:
             runs.append(experiment.run_arm(arm, seed, data))

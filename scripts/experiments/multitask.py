@@ -22,8 +22,9 @@ def main(argv=None) -> int:
                 f"translation + denoising ({args.denoising_ratio:.0%})")]
     experiment = Experiment("multitask", args, ["data.both_directions=true"])
     data = experiment.data_overrides()
-    runs, results = [], {"experiment": "multitask", "machine": machine(), "config": args.config, "steps": args.steps,
-                         "overrides": experiment.common, "runs": runs}
+    runs = []
+    results = {"experiment": "multitask", "machine": machine(), "config": args.config, "steps": args.steps,
+               "overrides": experiment.common, "runs": runs}
     for seed in experiment.seeds:
         for arm in arms:
             runs.append(experiment.run_arm(arm, seed, data))

@@ -88,8 +88,9 @@ def main(argv=None) -> int:
     args = experiment_parser(__doc__, default_steps=400).parse_args(argv)
     experiment = Experiment("rts_vs_position", args, ROUTING)
     data = experiment.data_overrides()
-    runs, results = [], {"experiment": "rts_vs_position", "machine": machine(), "config": args.config,
-                         "steps": args.steps, "overrides": experiment.common, "runs": runs}
+    runs = []
+    results = {"experiment": "rts_vs_position", "machine": machine(), "config": args.config,
+               "steps": args.steps, "overrides": experiment.common, "runs": runs}
     for seed in experiment.seeds:
         for arm in ARMS:
             profile_file = experiment.work_dir / f"{arm.name}-seed{seed}" / "drops_by_position.json"

@@ -20,8 +20,9 @@ def main(argv=None) -> int:
     args = experiment_parser(__doc__, default_steps=300).parse_args(argv)
     experiment = Experiment("topk_capacity", args)
     data = experiment.data_overrides()
-    runs, results = [], {"experiment": "topk_capacity", "machine": machine(), "config": args.config,
-                         "steps": args.steps, "overrides": experiment.common, "runs": runs}
+    runs = []
+    results = {"experiment": "topk_capacity", "machine": machine(), "config": args.config,
+               "steps": args.steps, "overrides": experiment.common, "runs": runs}
     for seed in experiment.seeds:
         for arm in ARMS:
             run = experiment.run_arm(arm, seed, data)
