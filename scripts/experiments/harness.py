@@ -101,25 +101,27 @@ class Experiment:
                        f"training.save_steps={eval_every}", "training.eval_strategy=steps", "evaluation.bleu_steps=0",
                        "training.save_total_limit=2", *extra_overrides, *args.overrides]
         self.seeds = [int(seed) for seed in args.seeds.split(",")]
+        self.corpus_dir: Path | None = None  # set by data_overrides()
 
     # ------------------------------------------------------------------ data shared by every arm
 
     def data_overrides(self) -> list[str]:
-        """Build the corpus and tokenizer once (as the first arm would) and point every arm at them."""
+        """Build the corpus and tokenizer once (as the first arm would) and point every arm at them; a config that
+        names both already is used as it is."""
         from hf_moe_mt.training.config import load_train_config
         from hf_moe_mt.training.run import prepare_corpus, prepare_tokenizer
 
-        config = load_train_config(self.args.config, [f"training.output_dir={self.work_dir / 'data'}", *self.common])
+        data_dir = self.work_dir / "data"
+        config = load_train_config(self.args.config, [f"training.output_dir={data_dir}", *self.common])
         if config.data.corpus and config.data.tokenizer:
+            self.corpus_dir = Path(config.data.corpus)
             return []
         training_args = config.training_arguments()
         corpus = prepare_corpus(config, training_args)
         prepare_tokenizer(config, corpus, training_args)
-        return [f"data.corpus={self.corpus_dir}", f"data.tokenizer={self.work_dir / 'data' / 'tokenizer'}"]
-
-    @property
-    def corpus_dir(self) -> Path:
-        return self.work_dir / "data" / "corpus"
+        self.corpus_dir = Path(config.data.corpus) if config.data.corpus else data_dir / "corpus"
+        tokenizer = config.data.tokenizer or data_dir / "tokenizer"
+        return [f"data.corpus={self.corpus_dir}", f"data.tokenizer={tokenizer}"]
 
     # ------------------------------------------------------------------ one arm
 
