@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from .moe_kernels import ACTIVATIONS
+from .moe_kernels import ACTIVATIONS, KERNELS
 
 STACKS = ("encoder", "decoder")
 POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned")
@@ -35,6 +35,10 @@ class MoEMTConfig(PreTrainedConfig):
     - `expert_parallel_size`: only validated here (`num_experts % expert_parallel_size == 0`); the model is
       always built with all experts, parallelism is applied from outside.
     - `position_embedding_type`: "sinusoidal" (M2M100's table, no parameters) or "learned".
+    - `experts_kernel`: which kernel computes the experts, `hf_moe_mt.moe_kernels.KERNELS`: "auto" (a fixed rule:
+      grouped_mm on CUDA, padded bmm or per-expert loop on CPU), "grouped_mm", "loop" or "bmm". Not named
+      `experts_implementation`: transformers reserves that for its own experts interface. Speed backends
+      (`hf_moe_mt.backends`) are applied to a loaded model from outside and never saved here.
     - `activation_dropout` applies inside dense FFNs only; the experts of `hf_moe_mt.moe.SparseMoE` have none.
     """
 
@@ -76,6 +80,7 @@ class MoEMTConfig(PreTrainedConfig):
     router_drop_tokens: bool = True
     router_jitter_noise: float = 0.0
     router_dropless_generation: bool = True
+    experts_kernel: str = "auto"
     expert_parallel_size: int = 1
     output_router_logits: bool = False
     # losses
@@ -133,6 +138,8 @@ class MoEMTConfig(PreTrainedConfig):
              f"position_embedding_type={self.position_embedding_type!r} is not one of {POSITION_EMBEDDING_TYPES}"),
             (self.activation_function in ACTIVATIONS,
              f"activation_function={self.activation_function!r} is not supported; use one of {list(ACTIVATIONS)}"),
+            (self.experts_kernel in KERNELS,
+             f"experts_kernel={self.experts_kernel!r} is not one of {KERNELS}"),
             (self.num_experts_per_tok in (1, 2),
              f"num_experts_per_tok={self.num_experts_per_tok!r} is not supported; use 1 (the paper's top-1) or 2"),
             (self.num_experts >= self.num_experts_per_tok,

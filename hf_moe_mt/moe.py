@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .moe_kernels import ACTIVATIONS, grouped_ffn
+from .moe_kernels import ACTIVATIONS, ExpertsKernel, check_kernel, grouped_ffn
 
 
 @dataclass(frozen=True)
@@ -202,13 +202,17 @@ class GroupedExperts(nn.Module):
     `up_proj` [E, F, D], `up_proj_bias` [E, F], `down_proj` [E, D, F], `down_proj_bias` [E, D] —
     the on-disk format for every expert-parallel size (a rank holds a contiguous slice of dim 0).
     forward(x [R, D] grouped by expert, tokens_per_expert [E]) → [R, D].
+    `implementation`: which kernel computes them (`moe_kernels.KERNELS` name or a kernel callable; not saved
+    with the weights); `set_experts_kernel` changes it on a whole model.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_dim: int, activation: str = "relu"):
+    def __init__(self, num_experts: int, hidden_size: int, ffn_dim: int, activation: str = "relu",
+                 implementation: str | ExpertsKernel = "auto"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
         self.num_experts, self.hidden_size, self.ffn_dim, self.activation = num_experts, hidden_size, ffn_dim, activation
+        self.implementation = check_kernel(implementation)
         self.up_proj = nn.Parameter(torch.empty(num_experts, ffn_dim, hidden_size))
         self.up_proj_bias = nn.Parameter(torch.zeros(num_experts, ffn_dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_dim))
@@ -224,8 +228,22 @@ class GroupedExperts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
         return grouped_ffn(
             hidden_states, tokens_per_expert, self.up_proj, self.up_proj_bias,
-            self.down_proj, self.down_proj_bias, self.activation,
+            self.down_proj, self.down_proj_bias, self.activation, self.implementation,
         )
+
+    def extra_repr(self) -> str:
+        kernel = getattr(self.implementation, "__name__", self.implementation)
+        return f"num_experts={self.num_experts}, activation={self.activation}, implementation={kernel}"
+
+
+def set_experts_kernel(model: nn.Module, implementation: str | ExpertsKernel) -> int:
+    """Run every GroupedExperts in `model` (expert-parallel ones included) with `implementation`; returns how
+    many there were. The config's `experts_kernel` sets the same at construction."""
+    check_kernel(implementation)
+    experts = [module for module in model.modules() if isinstance(module, GroupedExperts)]
+    for module in experts:
+        module.implementation = implementation
+    return len(experts)
 
 
 class SparseMoE(nn.Module):
@@ -251,6 +269,7 @@ class SparseMoE(nn.Module):
         drop_tokens: bool = True,
         jitter_noise: float = 0.0,
         activation: str = "relu",
+        experts_kernel: str | ExpertsKernel = "auto",
     ):
         super().__init__()
         _check_arguments(hidden_size, ffn_dim, num_experts, top_k, capacity_factor, eval_capacity_factor,
@@ -259,7 +278,7 @@ class SparseMoE(nn.Module):
         self.capacity_factor, self.eval_capacity_factor, self.min_capacity = capacity_factor, eval_capacity_factor, min_capacity
         self.use_rts, self.drop_tokens, self.jitter_noise = use_rts, drop_tokens, jitter_noise
         self.gate = TopKRouter(hidden_size, num_experts)
-        self.experts = GroupedExperts(num_experts, hidden_size, ffn_dim, activation)
+        self.experts = GroupedExperts(num_experts, hidden_size, ffn_dim, activation, experts_kernel)
 
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity for `num_tokens` real tokens in the current mode; None = dropless."""
