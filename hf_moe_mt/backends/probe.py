@@ -189,7 +189,7 @@ def measure() -> GemmChoice:
     ratios = {}
     for use, products in _products().items():
         with _threads(1 if use == "experts" else torch.get_num_threads()):
-            ratios.update({name: _time_ratio(calls) for name, calls in products.items()})
+            ratios.update({name: _time_ratio(name, calls) for name, calls in products.items()})
     decided = {use: _winner([r for name, r in ratios.items() if name.startswith(use)]) for use in ("linear", "experts")}
     return GemmChoice(decided["linear"], decided["experts"], "probe", {k: round(v, 3) for k, v in ratios.items()},
                       round(time.perf_counter() - start, 3))
@@ -200,19 +200,19 @@ def _winner(ratios: list[float]) -> str:
     return "onednn" if geometric_mean < 1 - MARGIN else "torch"
 
 
-def _time_ratio(calls: dict[str, Callable[[], object]]) -> float:
+def _time_ratio(name: str, calls: dict[str, Callable[[], object]]) -> float:
     """oneDNN's best time / torch's best time; the two libraries alternate, one warm-up call each first."""
     best = {library: math.inf for library in calls}
     for repeat in range(REPEATS + 1):
         for library, call in calls.items():
-            seconds = _seconds(library, call)
+            seconds = _seconds(name, library, call)
             if repeat:
                 best[library] = min(best[library], seconds)
     return best["onednn"] / best["torch"]
 
 
-def _seconds(library: str, call: Callable[[], object]) -> float:
-    """Wall time of one call (tests replace this to decide the winner)."""
+def _seconds(name: str, library: str, call: Callable[[], object]) -> float:
+    """Wall time of one call of product `name` on `library` (tests replace this to decide the winner)."""
     start = time.perf_counter()
     call()
     return time.perf_counter() - start
