@@ -8,6 +8,7 @@ D hidden size, F expert ffn size, E experts, K top-k, P = T·K (token, expert) p
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from fractions import Fraction
 from dataclasses import dataclass
 
@@ -192,8 +193,11 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[T, D] → [T, E] fp32 logits. fp32 because bf16 softmax over experts flips top-k choices."""
-        return F.linear(hidden_states.float(), self.weight.float())
+        """[T, D] → [T, E] fp32 logits. fp32 because bf16 softmax over experts flips top-k choices; also under
+        autocast, which would otherwise run this GEMM in its low-precision dtype."""
+        device = hidden_states.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            return F.linear(hidden_states.float(), self.weight.float())
 
 
 class GroupedExperts(nn.Module):

@@ -60,7 +60,9 @@ def check_kernel(implementation) -> str | ExpertsKernel:
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     """The dtype autocast would give a GEMM on x's device, or None outside autocast (float64 is never cast)."""
     device = x.device.type
-    if not torch.is_autocast_enabled(device) or not x.is_floating_point() or x.dtype == torch.float64:
+    if not x.is_floating_point() or x.dtype == torch.float64 or not torch.amp.is_autocast_available(device):
+        return None
+    if not torch.is_autocast_enabled(device):
         return None
     return torch.get_autocast_dtype(device)
 
