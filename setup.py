@@ -25,7 +25,7 @@ setup(
     ],
     extras_require={
         "deepspeed": ["deepspeed>=0.16"],
-        "dev": ["pytest>=8.0", "deepspeed>=0.16", "tensorboard>=2.14"],
+        "dev": ["pytest>=8.0", "deepspeed>=0.16", "tensorboard>=2.14", "peft>=0.17"],
     },
     entry_points={"console_scripts": ["hf-moe-mt=hf_moe_mt.cli:main"]},
 )
