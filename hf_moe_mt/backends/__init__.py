@@ -11,7 +11,8 @@ makes the same model faster:
    cached per machine (probe.py): oneDNN where it won, torch's default (MKL on x86) elsewhere.
 2. Every `nn.Linear` whose library is oneDNN runs through `cpu_gemm.linear` (type, parameters and state-dict
    keys unchanged; exactly F.linear off the CPU, under autocast and torch.compile).
-3. The experts run `cpu_experts.CpuExpertsKernel`: per-expert GEMMs on single-threaded worker threads.
+3. The experts run `cpu_experts.CpuExpertsKernel`: per-expert GEMMs on single-threaded worker threads (or,
+   where the probe measured it faster, near-uniform groups as one padded batched GEMM).
 Nothing of it is saved with the model; `disable_fast_cpu(model)` undoes it. The `hf-moe-mt` commands and the
 benchmark scripts call it; `HF_MOE_MT_CPU_GEMM=onednn|torch` forces a library, `=off` leaves models standard.
 Never imported by the model's own files.
@@ -46,7 +47,7 @@ def enable_fast_cpu(model: nn.Module, gemm: str = "auto") -> GemmChoice:
     for experts in experts_modules(model):
         if not hasattr(experts, _SAVED_KERNEL):
             setattr(experts, _SAVED_KERNEL, experts.implementation)
-        experts.implementation = EXPERTS_KERNELS[choice.experts]
+        experts.implementation = EXPERTS_KERNELS[choice.experts, choice.experts_bmm]
     return choice
 
 

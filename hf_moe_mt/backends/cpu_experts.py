@@ -6,9 +6,9 @@ single-threaded worker threads (expert_threads.py), on the GEMM library the prob
 Its rule, fixed given the chosen library:
 1. not on the CPU: the model's "auto" kernel (nothing here is for GPUs);
 2. no autograd (translation): the loop's inference pass, both GEMMs of an expert on one worker;
-3. training with torch's GEMMs and near-uniform groups: the padded bmm (a batched GEMM beats per-expert
-   library calls there, `moe_kernels.prefers_padded_bmm`); otherwise the loop on worker threads. On oneDNN
-   the loop always wins: its per-expert GEMMs beat MKL's batched GEMM at every measured group size.
+3. training: where the probe measured one padded batched GEMM faster than the loop on uniform groups
+   (`bmm_for_uniform_groups`), near-uniform groups (`moe_kernels.prefers_padded_bmm`) run as the padded bmm;
+   everything else runs the loop on the worker threads.
 """
 
 from __future__ import annotations
@@ -60,12 +60,12 @@ class OneDNNGemms(ThreadedGemms):
 class CpuExpertsKernel:
     """An experts kernel (see the module docstring) for one GEMM library, "onednn" or "torch"."""
 
-    def __init__(self, gemm: str):
+    def __init__(self, gemm: str, bmm_for_uniform_groups: bool = False):
         if gemm not in GEMM_LIBRARIES:
             raise ValueError(f"gemm={gemm!r} is not one of {GEMM_LIBRARIES}")
-        self.gemm = gemm
+        self.gemm, self.bmm_for_uniform_groups = gemm, bmm_for_uniform_groups
         self.gemms = OneDNNGemms() if gemm == "onednn" else ThreadedGemms()
-        self.__name__ = f"cpu_threads_{gemm}"
+        self.__name__ = f"cpu_threads_{gemm}" + ("_bmm" if bmm_for_uniform_groups else "")
 
     def __repr__(self) -> str:
         return self.__name__
@@ -75,12 +75,11 @@ class CpuExpertsKernel:
             return moe_kernels.auto_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation)
         if not needs_autograd(x, w1, b1, w2, b2):  # 2.
             return moe_kernels.loop_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, self.gemms)
-        counts = tokens_per_expert.tolist()  # 3.
-        if self.gemm == "torch" and moe_kernels.prefers_padded_bmm(counts, x.shape[0]):
-            return moe_kernels.bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation)
+        if self.bmm_for_uniform_groups and moe_kernels.prefers_padded_bmm(tokens_per_expert.tolist(), x.shape[0]):
+            return moe_kernels.bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation)  # 3.
         return moe_kernels.loop_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, self.gemms)
 
 
-KERNELS = {gemm: CpuExpertsKernel(gemm) for gemm in GEMM_LIBRARIES}
+KERNELS = {(gemm, bmm): CpuExpertsKernel(gemm, bmm) for gemm in GEMM_LIBRARIES for bmm in (False, True)}
 
 __all__ = ["CpuExpertsKernel", "KERNELS", "OneDNNGemms", "ThreadedGemms"]

@@ -11,7 +11,9 @@ at two uses, each decided on its own:
 - "experts", one expert on one worker thread: `EXPERT_ROWS` rows, 512 → 2048, all three products.
 Each product runs on both libraries, interleaved, best of `REPEATS` after a warm-up (which includes oneDNN's
 JIT compile). A use goes to oneDNN when the geometric mean of its oneDNN/torch time ratios is below
-`1 - MARGIN`; a tie stays with torch's default (one moving part less). Cost: well under a second on 2 cores
+`1 - MARGIN`; a tie stays with torch's default (one moving part less). Then one more comparison for the
+experts: `UNIFORM_GROUPS` equal groups of `GROUP_ROWS` rows as one padded batched GEMM (torch's) against the
+per-expert loop on the worker threads; where the batched GEMM wins by the margin, near-uniform groups use it. Cost: well under a second on 2 cores
 (`GemmChoice.probe_seconds`), once per machine: the result is cached as JSON in `cache_dir()`, keyed by CPU
 model, family/model numbers, core count, thread count and torch version. Processes that start together
 (ranks of one job) take turns through a file lock, so the first one measures undisturbed and the others read.
@@ -44,6 +46,8 @@ CACHE_FILE = "cpu_gemm_probe.json"
 CHOICES = ("auto", "onednn", "torch")
 D_IN, D_OUT = 512, 2048
 LINEAR_ROWS, DECODE_ROWS, EXPERT_ROWS = 256, 64, 64
+UNIFORM_GROUPS, GROUP_ROWS = 8, 32
+PROBE_VERSION = 2  # part of the cache key: a changed probe measures again
 REPEATS = 5
 MARGIN = 0.05
 
@@ -55,15 +59,17 @@ class GemmChoice:
     linear: str
     experts: str
     source: str  # "probe", "cache", "override" or "unavailable" (torch built without oneDNN)
-    ratios: dict[str, float] = field(default_factory=dict)  # product -> oneDNN time / torch time, when measured
+    experts_bmm: bool = False  # near-uniform expert groups as one padded batched GEMM (it measured faster)
+    ratios: dict[str, float] = field(default_factory=dict)  # product -> oneDNN/torch (or bmm/loop) time, measured
     probe_seconds: float = 0.0
 
     def describe(self) -> str:
         if self.linear == "off":
             return "CPU backend off: the model's standard kernels"
         measured = ", ".join(f"{name} {ratio:.2f}" for name, ratio in self.ratios.items())
-        detail = f"; oneDNN/torch time: {measured}" if measured else ""
-        return f"Linear GEMMs: {self.linear}, expert GEMMs: {self.experts} ({self.source}{detail})"
+        detail = f"; time ratios oneDNN/torch, bmm/loop: {measured}" if measured else ""
+        bmm = ", near-uniform groups as a padded bmm" if self.experts_bmm else ""
+        return f"Linear GEMMs: {self.linear}, expert GEMMs: {self.experts}{bmm} ({self.source}{detail})"
 
 
 def cpu_model() -> str:
@@ -81,7 +87,7 @@ def machine_key() -> str:
     info = _cpuinfo()
     family = f" (family {info.get('cpu family', '?')}, model {info.get('model', '?')})" if info else ""
     return (f"{cpu_model()}{family}, {cpu_count()} CPUs, {torch.get_num_threads()} threads, "
-            f"torch {torch.__version__}")
+            f"torch {torch.__version__}, probe v{PROBE_VERSION}")
 
 
 def _cpuinfo() -> dict[str, str]:
@@ -184,15 +190,23 @@ def _write_cache(path: Path, entries: dict) -> None:
 
 
 def measure() -> GemmChoice:
-    """Time every product on both libraries (see the module docstring) and decide each use."""
+    """1. every product on both libraries, each use decided  2. near-uniform expert groups: one padded batched
+    GEMM against the per-expert loop on the worker threads with the experts' library."""
     start = time.perf_counter()
+    # 1.
     ratios = {}
     for use, products in _products().items():
         with _threads(1 if use == "experts" else torch.get_num_threads()):
-            ratios.update({name: _time_ratio(name, calls) for name, calls in products.items()})
+            for name, calls in products.items():
+                best = _best_seconds(name, calls)
+                ratios[name] = best["onednn"] / best["torch"]
     decided = {use: _winner([r for name, r in ratios.items() if name.startswith(use)]) for use in ("linear", "experts")}
-    return GemmChoice(decided["linear"], decided["experts"], "probe", {k: round(v, 3) for k, v in ratios.items()},
-                      round(time.perf_counter() - start, 3))
+    # 2.
+    best = _best_seconds("experts uniform groups", _uniform_groups_calls(decided["experts"]))
+    ratios["experts uniform groups bmm/loop"] = best["bmm"] / best["loop"]
+    return GemmChoice(decided["linear"], decided["experts"], "probe",
+                      ratios["experts uniform groups bmm/loop"] < 1 - MARGIN,
+                      {k: round(v, 3) for k, v in ratios.items()}, round(time.perf_counter() - start, 3))
 
 
 def _winner(ratios: list[float]) -> str:
@@ -200,19 +214,19 @@ def _winner(ratios: list[float]) -> str:
     return "onednn" if geometric_mean < 1 - MARGIN else "torch"
 
 
-def _time_ratio(name: str, calls: dict[str, Callable[[], object]]) -> float:
-    """oneDNN's best time / torch's best time; the two libraries alternate, one warm-up call each first."""
-    best = {library: math.inf for library in calls}
+def _best_seconds(name: str, calls: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Best time of each candidate; the candidates alternate, one warm-up call each first."""
+    best = {label: math.inf for label in calls}
     for repeat in range(REPEATS + 1):
-        for library, call in calls.items():
-            seconds = _seconds(name, library, call)
+        for label, call in calls.items():
+            seconds = _seconds(name, label, call)
             if repeat:
-                best[library] = min(best[library], seconds)
-    return best["onednn"] / best["torch"]
+                best[label] = min(best[label], seconds)
+    return best
 
 
-def _seconds(name: str, library: str, call: Callable[[], object]) -> float:
-    """Wall time of one call of product `name` on `library` (tests replace this to decide the winner)."""
+def _seconds(name: str, candidate: str, call: Callable[[], object]) -> float:
+    """Wall time of one call of `name` by `candidate` (tests replace this to decide the winner)."""
     start = time.perf_counter()
     call()
     return time.perf_counter() - start
@@ -245,3 +259,24 @@ def _products() -> dict[str, dict[str, dict[str, Callable[[], object]]]]:
     products["linear"]["linear decode forward"] = {"torch": lambda: F.linear(decode, weight),
                                                    "onednn": lambda: onednn_linear(decode, weight)}
     return products
+
+
+def _uniform_groups_calls(library: str) -> dict[str, Callable[[], object]]:
+    """First expert GEMM of `UNIFORM_GROUPS` experts × `GROUP_ROWS` rows: per expert on the worker threads
+    ("loop", the library chosen for experts) or as one padded batched GEMM at torch's thread count ("bmm")."""
+    from .cpu_experts import CpuExpertsKernel  # noqa: PLC0415  (cpu_experts is the consumer of this decision)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(UNIFORM_GROUPS * GROUP_ROWS, D_IN, generator=gen)
+    weight, bias = torch.randn(UNIFORM_GROUPS, D_OUT, D_IN, generator=gen), torch.zeros(UNIFORM_GROUPS, D_OUT)
+    out = x.new_empty(x.shape[0], D_OUT)
+    gemms = CpuExpertsKernel(library).gemms
+    bounds = [(e * GROUP_ROWS, (e + 1) * GROUP_ROWS) for e in range(UNIFORM_GROUPS)]
+
+    def loop():
+        gemms.for_each_expert(lambda e, lo, hi: gemms.linear_into(x[lo:hi], weight[e], bias[e], out[lo:hi]), bounds)
+
+    def bmm():
+        torch.baddbmm(bias.unsqueeze(1), x.view(UNIFORM_GROUPS, GROUP_ROWS, D_IN), weight.transpose(1, 2))
+
+    return {"bmm": bmm, "loop": loop}

@@ -20,13 +20,14 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / probe.CACHE_FILE
 
 
-def fake_timer(monkeypatch, onednn_seconds: dict[str, float]):
-    """Each call on torch's library takes 1 s, on oneDNN `onednn_seconds[use]`; records every timed call."""
+def fake_timer(monkeypatch, onednn_seconds: dict[str, float], bmm_seconds: float = 2.0):
+    """Each call on torch's library (and the per-expert loop) takes 1 s, on oneDNN `onednn_seconds[use]`, the
+    padded bmm `bmm_seconds`; records every timed call."""
     calls = []
 
-    def seconds(name, library, call):
-        calls.append(library)
-        return onednn_seconds[name.split()[0]] if library == "onednn" else 1.0
+    def seconds(name, candidate, call):
+        calls.append(candidate)
+        return {"onednn": onednn_seconds[name.split()[0]], "bmm": bmm_seconds}.get(candidate, 1.0)
 
     monkeypatch.setattr(probe, "_seconds", seconds)
     return calls
@@ -39,8 +40,18 @@ def test_each_use_goes_to_the_library_that_measured_faster(linear, experts, cach
     assert choice.source == "probe"
     assert choice.linear == ("onednn" if linear < 0.95 else "torch")
     assert choice.experts == ("onednn" if experts < 0.95 else "torch")  # within the 5 % margin: torch's default
-    assert len(calls) == PRODUCTS * 2 * (probe.REPEATS + 1)  # the probe's whole cost: a fixed number of GEMMs
+    assert len(calls) == (PRODUCTS + 1) * 2 * (probe.REPEATS + 1)  # the probe's whole cost: a fixed number of GEMMs
     assert choice.ratios["linear dW"] == pytest.approx(linear) and choice.ratios["experts dx"] == pytest.approx(experts)
+    assert not choice.experts_bmm
+
+
+@pytest.mark.parametrize("bmm_seconds,uses_bmm", [(0.5, True), (0.97, False), (1.5, False)])
+def test_near_uniform_groups_use_a_padded_bmm_only_where_it_measured_faster(bmm_seconds, uses_bmm, cache,
+                                                                            monkeypatch):
+    fake_timer(monkeypatch, {"linear": 0.5, "experts": 0.5}, bmm_seconds)
+    choice = probe.choose_gemm()
+    assert choice.experts_bmm == uses_bmm and ("padded bmm" in choice.describe()) == uses_bmm
+    assert choice.ratios["experts uniform groups bmm/loop"] == pytest.approx(bmm_seconds)
 
 
 def test_the_result_is_cached_per_machine_and_read_back_without_measuring(cache, monkeypatch):
@@ -53,7 +64,8 @@ def test_the_result_is_cached_per_machine_and_read_back_without_measuring(cache,
     calls.clear()
     again = probe.choose_gemm()
     assert calls == [] and again.source == "cache"
-    assert (again.linear, again.experts, again.ratios) == (first.linear, first.experts, first.ratios)
+    assert (again.linear, again.experts, again.experts_bmm, again.ratios) == (first.linear, first.experts,
+                                                                              first.experts_bmm, first.ratios)
 
 
 def test_another_machine_or_torch_version_measures_again(cache, monkeypatch):
@@ -105,6 +117,6 @@ def test_the_real_probe_is_short_and_records_its_cost(cache):
     """One real measurement on this machine (no fake timer): every product measured, its cost recorded."""
     choice = probe.choose_gemm()
     assert choice.source == "probe" and choice.linear in ("onednn", "torch") and choice.experts in ("onednn", "torch")
-    assert len(choice.ratios) == PRODUCTS and all(ratio > 0 for ratio in choice.ratios.values())
+    assert len(choice.ratios) == PRODUCTS + 1 and all(ratio > 0 for ratio in choice.ratios.values())
     assert 0 < choice.probe_seconds < 30  # well under a second on a quiet 2-core machine; CI shares its cores
-    assert "oneDNN/torch time" in choice.describe()
+    assert "time ratios oneDNN/torch, bmm/loop" in choice.describe()
