@@ -17,7 +17,9 @@ per-expert loop on the worker threads; where the batched GEMM wins by the margin
 (`GemmChoice.probe_seconds`), once per machine: the result is cached as JSON in `cache_dir()`, keyed by CPU
 model, family/model numbers, core count, thread count and torch version. Processes that start together
 (ranks of one job) take turns through a file lock, so the first one measures undisturbed and the others read.
-Override: `HF_MOE_MT_CPU_GEMM=onednn|torch` in the environment, or `gemm=` of `enable_fast_cpu`.
+Override: `HF_MOE_MT_CPU_GEMM=onednn|torch` in the environment, or `gemm=` of `enable_fast_cpu`. A result
+measured while other jobs loaded the cores can be wrong: `python -m hf_moe_mt.backends` measures again on
+a quiet machine and replaces this machine's cached entry.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ D_IN, D_OUT = 512, 2048
 LINEAR_ROWS, DECODE_ROWS, EXPERT_ROWS = 256, 64, 64
 UNIFORM_GROUPS, GROUP_ROWS = 8, 32
 PROBE_VERSION = 2  # part of the cache key: a changed probe measures again
-REPEATS = 5
+REPEATS = 7
 MARGIN = 0.05
 
 
@@ -135,17 +137,17 @@ def choose_gemm(gemm: str = "auto") -> GemmChoice:
     # 4.
     key = machine_key()
     if key not in _memo:
-        _memo[key] = _cached_or_measured(key)
+        _memo[key] = cached_or_measured(key)
     return _memo[key]
 
 
-def _cached_or_measured(key: str) -> GemmChoice:
+def cached_or_measured(key: str, again: bool = False) -> GemmChoice:
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with _file_lock(folder / f"{CACHE_FILE}.lock"):
             entries = _read_cache(folder / CACHE_FILE)
-            if key in entries:
+            if key in entries and not again:
                 return GemmChoice(**{**entries[key], "source": "cache"})
             choice = measure()
             _write_cache(folder / CACHE_FILE, {**entries, key: asdict(choice)})
@@ -280,3 +282,4 @@ def _uniform_groups_calls(library: str) -> dict[str, Callable[[], object]]:
         torch.baddbmm(bias.unsqueeze(1), x.view(UNIFORM_GROUPS, GROUP_ROWS, D_IN), weight.transpose(1, 2))
 
     return {"bmm": bmm, "loop": loop}
+
