@@ -147,8 +147,9 @@ def cached_or_measured(key: str, again: bool = False) -> GemmChoice:
         folder.mkdir(parents=True, exist_ok=True)
         with _file_lock(folder / f"{CACHE_FILE}.lock"):
             entries = _read_cache(folder / CACHE_FILE)
-            if key in entries and not again:
-                return GemmChoice(**{**entries[key], "source": "cache"})
+            cached = _entry(entries.get(key)) if not again else None
+            if cached is not None:
+                return cached
             choice = measure()
             _write_cache(folder / CACHE_FILE, {**entries, key: asdict(choice)})
             return choice
@@ -170,6 +171,14 @@ def _file_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _entry(fields) -> GemmChoice | None:
+    """A cached choice, or None for a missing or malformed entry (measured again)."""
+    try:
+        return GemmChoice(**{**fields, "source": "cache"})
+    except TypeError:
+        return None
 
 
 def _read_cache(path: Path) -> dict:

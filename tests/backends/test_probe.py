@@ -78,11 +78,12 @@ def test_another_machine_or_torch_version_measures_again(cache, monkeypatch):
     assert len(json.loads(cache.read_text())) == 2
 
 
-def test_a_corrupt_cache_is_measured_over(cache, monkeypatch):
-    cache.write_text("{not json")
+@pytest.mark.parametrize("content", ["{not json", "[]", json.dumps({"KEY": {"linear": "onednn"}})])
+def test_a_corrupt_cache_is_measured_over(content, cache, monkeypatch):
+    cache.write_text(content.replace("KEY", probe.machine_key()))
     fake_timer(monkeypatch, {"linear": 0.5, "experts": 0.5})
     assert probe.choose_gemm().source == "probe"
-    assert probe.machine_key() in json.loads(cache.read_text())
+    assert json.loads(cache.read_text())[probe.machine_key()]["linear"] == "onednn"
 
 
 def test_an_unwritable_cache_dir_still_gives_a_measured_choice(tmp_path, cache, monkeypatch):
