@@ -16,6 +16,15 @@ makes the same model faster:
 Nothing of it is saved with the model; `disable_fast_cpu(model)` undoes it. The `hf-moe-mt` commands and the
 benchmark scripts call it; `HF_MOE_MT_CPU_GEMM=onednn|torch` forces a library, `=off` leaves models standard.
 Never imported by the model's own files.
+
+Why a call on the model, not transformers' hooks or torch.library ops: transformers' `ExpertsInterface` /
+`@use_experts_implementation` dispatch experts that route inside themselves (top-k index and weights in,
+gated experts, the decorated class in the modeling file); ours receive rows already planned by capacity and
+RTS and grouped by expert, the contract expert parallelism swaps in — so the experts take a kernel by name or
+as a callable (`GroupedExperts.implementation`), and this backend hands them one. Linear layers have no such
+hook; replacing their forward on the instance (as accelerate's device hooks do) keeps `type(m) is nn.Linear`
+for quantization and PEFT. A torch.library custom op would add a registration and fake kernels only to serve
+torch.compile, under which the backend steps aside anyway (inductor picks its own kernels).
 """
 
 from __future__ import annotations
