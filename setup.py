@@ -27,7 +27,7 @@ setup(
     extras_require={
         "deepspeed": ["deepspeed>=0.16"],
         # parameterized, httpx: imported by transformers' common model tests (tests/conformance)
-        "dev": ["pytest>=8.0", "deepspeed>=0.16", "tensorboard>=2.14", "parameterized", "httpx"],
+        "dev": ["pytest>=8.0", "deepspeed>=0.16", "tensorboard>=2.14", "parameterized", "httpx", "peft>=0.17"],
     },
     entry_points={"console_scripts": ["hf-moe-mt=hf_moe_mt.cli:main"]},
 )

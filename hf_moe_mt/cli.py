@@ -10,7 +10,7 @@ import argparse
 import importlib
 import sys
 
-from .runtime import keep_freed_memory
+from .runtime import apply_memory_settings
 
 # subcommand group -> module that registers it (imported only when present, so the command works
 # while later parts of the package are still being built)
@@ -20,6 +20,8 @@ SUBCOMMAND_MODULES = (
     "hf_moe_mt.tools.commands",  # export | translate | evaluate | quickstart
     "hf_moe_mt.tools.model_commands",  # prune | merge | upcycle | analyze
 )
+
+TRAINING_COMMANDS = ("train", "quickstart")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command in ("train", "quickstart"):  # steady-state training loops: keep freed memory (runtime.py;
-        keep_freed_memory()                      # HF_MOE_MT_KEEP_FREED_MEMORY=0 opts out)
+    if args.command in TRAINING_COMMANDS:  # a steady-state loop: process memory settings (runtime.py; opt-outs there)
+        apply_memory_settings()
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2

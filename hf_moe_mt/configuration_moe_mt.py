@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from .moe_kernels import ACTIVATIONS
+from .moe_kernels import ACTIVATIONS, KERNELS
 
 STACKS = ("encoder", "decoder")
 POSITION_EMBEDDING_TYPES = ("sinusoidal", "learned")
@@ -38,6 +38,10 @@ class MoEMTConfig(PreTrainedConfig):
     - `output_router_logits`: the forward's default for returning router logits, RouterInfo and the router losses
       (labels alone add only the losses, which are part of the loss).
     - `tie_word_embeddings`: ties the LM head to the shared token table; encoder and decoder share it always.
+    - `experts_kernel`: which kernel computes the experts, `hf_moe_mt.moe_kernels.KERNELS`: "auto" (a fixed rule:
+      grouped_mm on CUDA, padded bmm or per-expert loop on CPU), "grouped_mm", "loop" or "bmm". Not named
+      `experts_implementation`: transformers reserves that for its own experts interface. Speed backends
+      (`hf_moe_mt.backends`) are applied to a loaded model from outside and never saved here.
     - `activation_dropout` applies inside dense FFNs only; the experts of `hf_moe_mt.moe.SparseMoE` have none.
     - `embedding_init_std`: std of the token embedding at initialisation (None = `init_std`, as M2M100). With
       `scale_embedding` the model reads embedding·√d_model, so `d_model**-0.5` (fairseq's transformer) makes token
@@ -83,6 +87,7 @@ class MoEMTConfig(PreTrainedConfig):
     router_drop_tokens: bool = True
     router_jitter_noise: float = 0.0
     router_dropless_generation: bool = True
+    experts_kernel: str = "auto"
     expert_parallel_size: int = 1
     output_router_logits: bool = False
     # losses
@@ -141,6 +146,8 @@ class MoEMTConfig(PreTrainedConfig):
              f"position_embedding_type={self.position_embedding_type!r} is not one of {POSITION_EMBEDDING_TYPES}"),
             (self.activation_function in ACTIVATIONS,
              f"activation_function={self.activation_function!r} is not supported; use one of {list(ACTIVATIONS)}"),
+            (self.experts_kernel in KERNELS,
+             f"experts_kernel={self.experts_kernel!r} is not one of {KERNELS}"),
             (self.num_experts_per_tok in (1, 2),
              f"num_experts_per_tok={self.num_experts_per_tok!r} is not supported; use 1 (the paper's top-1) or 2"),
             (self.num_experts >= self.num_experts_per_tok,

@@ -3,7 +3,8 @@ losses → embeddings → attention → dense FFN → sparse FFN (`hf_moe_mt.moe
 layers → stacks → `MoEMTModel` → `MoEMTForConditionalGeneration` (loss assembly, dropless `generate`).
 
 Travels as Hub remote code: imports only torch, transformers and flat siblings (`.configuration_moe_mt`, `.moe`,
-`.moe_kernels`, `.cpu_gemm`); never data/, training/, tools/ or parallel.py. Expert parallelism is applied from outside.
+`.moe_kernels`); never data/, training/, tools/, parallel.py or backends/. Expert parallelism and CPU speed backends are
+applied from outside; every projection is a plain `nn.Linear`.
 Legend: B batch, S source length, L target length, D d_model, F ffn size, E experts, V vocabulary.
 """
 
@@ -30,7 +31,6 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_moe_mt import MoEMTConfig
-from .cpu_gemm import Linear
 from .moe import GroupedExperts, RouterInfo, SparseMoE, TopKRouter
 from .moe_kernels import activation_forward
 
@@ -191,10 +191,10 @@ class MoEMTAttention(nn.Module):
         self.head_dim = config.d_model // num_heads
         self.scaling = self.head_dim**-0.5
         self.dropout = config.attention_dropout
-        self.q_proj = Linear(config.d_model, config.d_model)
-        self.k_proj = Linear(config.d_model, config.d_model)
-        self.v_proj = Linear(config.d_model, config.d_model)
-        self.out_proj = Linear(config.d_model, config.d_model)
+        self.q_proj = nn.Linear(config.d_model, config.d_model)
+        self.k_proj = nn.Linear(config.d_model, config.d_model)
+        self.v_proj = nn.Linear(config.d_model, config.d_model)
+        self.out_proj = nn.Linear(config.d_model, config.d_model)
 
     def forward(
         self, hidden_states, key_value_states=None, cache: Cache | None = None, attention_mask=None,
@@ -250,8 +250,8 @@ class MoEMTDenseFFN(nn.Module):
     def __init__(self, d_model: int, ffn_dim: int, activation: str, activation_dropout: float):
         super().__init__()
         self.activation, self.activation_dropout = activation, activation_dropout
-        self.up_proj = Linear(d_model, ffn_dim)
-        self.down_proj = Linear(ffn_dim, d_model)
+        self.up_proj = nn.Linear(d_model, ffn_dim)
+        self.down_proj = nn.Linear(ffn_dim, d_model)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = activation_forward(self.activation, self.up_proj(hidden_states))
@@ -273,6 +273,7 @@ def build_sparse_mlp(config: MoEMTConfig) -> SparseMoE:
         drop_tokens=config.router_drop_tokens,
         jitter_noise=config.router_jitter_noise,
         activation=config.activation_function,
+        experts_kernel=config.experts_kernel,
     )
 
 
@@ -779,7 +780,7 @@ class MoEMTForConditionalGeneration(MoEMTPreTrainedModel, GenerationMixin):
     def __init__(self, config: MoEMTConfig):
         super().__init__(config)
         self.model = MoEMTModel(config)
-        self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.post_init()
 
     def prepare_decoder_input_ids_from_labels(self, labels: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from contextlib import nullcontext
 from fractions import Fraction
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .moe_kernels import ACTIVATIONS, grouped_ffn
+from .moe_kernels import ACTIVATIONS, ExpertsKernel, check_kernel, grouped_ffn
 
 
 @dataclass
@@ -198,13 +199,16 @@ class TopKRouter(nn.Module):
         nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[T, D] → [T, E] fp32 logits. fp32 because bf16 softmax over experts flips top-k choices."""
-        return F.linear(hidden_states.float(), self.weight.float())
+        """[T, D] → [T, E] fp32 logits. fp32 because bf16 softmax over experts flips top-k choices; also under
+        autocast, which would otherwise run this GEMM in its low-precision dtype."""
+        device = hidden_states.device.type
+        with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+            return F.linear(hidden_states.float(), self.weight.float())
 
 
 def _grouped_ffn_op(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
-                    w2: torch.Tensor, b2: torch.Tensor, activation: str) -> torch.Tensor:
-    return grouped_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation)
+                    w2: torch.Tensor, b2: torch.Tensor, activation: str, implementation: str) -> torch.Tensor:
+    return grouped_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation, implementation)
 
 
 # torch.compile cannot trace the experts: each one's row count is data (on CPU read with `.tolist()`). A compiled
@@ -214,7 +218,7 @@ def _grouped_ffn_op(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.
 # per loaded copy of this file (the package and Hub remote code may both be imported in one process).
 _OP_NAMESPACE = re.sub(r"\W", "_", __name__)
 opaque_grouped_ffn = torch.library.custom_op(f"{_OP_NAMESPACE}::grouped_ffn", mutates_args=())(_grouped_ffn_op)
-opaque_grouped_ffn.register_fake(lambda x, tokens_per_expert, w1, b1, w2, b2, activation: x.new_empty(
+opaque_grouped_ffn.register_fake(lambda x, tokens_per_expert, w1, b1, w2, b2, activation, implementation: x.new_empty(
     x.shape[0], w2.shape[1]))
 
 
@@ -224,13 +228,18 @@ class GroupedExperts(nn.Module):
     `up_proj` [E, F, D], `up_proj_bias` [E, F], `down_proj` [E, D, F], `down_proj_bias` [E, D] —
     the on-disk format for every expert-parallel size (a rank holds a contiguous slice of dim 0).
     forward(x [R, D] grouped by expert, tokens_per_expert [E]) → [R, D].
+    `implementation`: which kernel computes them (`moe_kernels.KERNELS` name or a kernel callable; not saved
+    with the weights); `set_experts_kernel` changes it on a whole model.
     """
 
-    def __init__(self, num_experts: int, hidden_size: int, ffn_dim: int, activation: str = "relu"):
+    def __init__(self, num_experts: int, hidden_size: int, ffn_dim: int, activation: str = "relu",
+                 implementation: str | ExpertsKernel = "auto"):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation={activation!r} is not supported; use one of {sorted(ACTIVATIONS)}")
-        self.num_experts, self.hidden_size, self.ffn_dim, self.activation = num_experts, hidden_size, ffn_dim, activation
+        self.num_experts, self.hidden_size, self.ffn_dim = num_experts, hidden_size, ffn_dim
+        self.activation = activation
+        self.implementation = check_kernel(implementation)
         self.up_proj = nn.Parameter(torch.empty(num_experts, ffn_dim, hidden_size))
         self.up_proj_bias = nn.Parameter(torch.zeros(num_experts, ffn_dim))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, ffn_dim))
@@ -244,11 +253,27 @@ class GroupedExperts(nn.Module):
         nn.init.zeros_(self.down_proj_bias)
 
     def forward(self, hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        experts = opaque_grouped_ffn if torch.compiler.is_compiling() and not torch.is_grad_enabled() else grouped_ffn
+        # A kernel given as a callable (a speed backend) is called directly: an operator takes names, not functions.
+        opaque = torch.compiler.is_compiling() and not torch.is_grad_enabled() and isinstance(self.implementation, str)
+        experts = opaque_grouped_ffn if opaque else grouped_ffn
         return experts(
             hidden_states, tokens_per_expert, self.up_proj, self.up_proj_bias,
-            self.down_proj, self.down_proj_bias, self.activation,
+            self.down_proj, self.down_proj_bias, self.activation, self.implementation,
         )
+
+    def extra_repr(self) -> str:
+        kernel = getattr(self.implementation, "__name__", self.implementation)
+        return f"num_experts={self.num_experts}, activation={self.activation}, implementation={kernel}"
+
+
+def set_experts_kernel(model: nn.Module, implementation: str | ExpertsKernel) -> int:
+    """Run every GroupedExperts in `model` (expert-parallel ones included) with `implementation`; returns how
+    many there were. The config's `experts_kernel` sets the same at construction."""
+    check_kernel(implementation)
+    experts = [module for module in model.modules() if isinstance(module, GroupedExperts)]
+    for module in experts:
+        module.implementation = implementation
+    return len(experts)
 
 
 class SparseMoE(nn.Module):
@@ -274,6 +299,7 @@ class SparseMoE(nn.Module):
         drop_tokens: bool = True,
         jitter_noise: float = 0.0,
         activation: str = "relu",
+        experts_kernel: str | ExpertsKernel = "auto",
     ):
         super().__init__()
         _check_arguments(hidden_size, ffn_dim, num_experts, top_k, capacity_factor, eval_capacity_factor,
@@ -282,7 +308,7 @@ class SparseMoE(nn.Module):
         self.capacity_factor, self.eval_capacity_factor, self.min_capacity = capacity_factor, eval_capacity_factor, min_capacity
         self.use_rts, self.drop_tokens, self.jitter_noise = use_rts, drop_tokens, jitter_noise
         self.gate = TopKRouter(hidden_size, num_experts)
-        self.experts = GroupedExperts(num_experts, hidden_size, ffn_dim, activation)
+        self.experts = GroupedExperts(num_experts, hidden_size, ffn_dim, activation, experts_kernel)
 
     def capacity(self, num_tokens: int) -> int | None:
         """Per-expert capacity for `num_tokens` real tokens in the current mode; None = dropless."""

@@ -1,47 +1,119 @@
 """Grouped expert FFN kernels: y_e = act(x_e W1_eᵀ + b1_e) W2_eᵀ + b2_e over rows grouped by expert.
 
-Pure torch (travels with remote code). Four paths behind one function, `grouped_ffn`:
-- CUDA: `torch._grouped_mm` for all six GEMMs of forward + backward (weight gradients come out of a
-  grouped GEMM in the parameter's own layout; offsets stay on the device, so nothing waits for the GPU).
-- CPU: a loop of per-expert GEMMs (oneDNN, see cpu_gemm) on single-threaded workers inside one
-  autograd.Function whose backward writes each weight gradient straight into its slice of one [E, …]
-  tensor (no per-expert full-size zero tensors).
-- CPU without oneDNN, near-uniform groups (e.g. capacity-limited training): a padded `bmm` (MKL's batched
-  GEMM parallelises over experts; MKL's small per-expert GEMMs lose to it).
-- CPU without autograd (translation): both GEMMs of one expert back to back on one worker thread, so its
-  hidden rows stay in cache and the experts need one pass of the worker pool, not two; on oneDNN (cpu_gemm).
+Pure torch and standard ops only: this file travels with the Hub's remote code, so no private backend ops and
+no threads live here (those are `hf_moe_mt.backends`, applied to a model from outside). Which kernel runs is
+an explicit choice, `implementation` of `grouped_ffn` (a model sets it from `config.experts_kernel`):
+- "grouped_mm": `torch._grouped_mm` for all six GEMMs of forward + backward (CUDA's fast path: weight
+  gradients come out of a grouped GEMM in the parameter's own layout; offsets stay on the device, so nothing
+  waits for the GPU).
+- "loop": per-expert GEMMs inside one autograd.Function whose backward writes each weight gradient straight
+  into its slice of one [E, …] tensor (no per-expert full-size zero tensors); without autograd (translation)
+  both GEMMs of an expert run back to back, so its hidden rows stay in cache. How and where the per-expert
+  GEMMs run is an `ExpertGemms` object: torch's own ops on the calling thread here; backends supply others.
+- "bmm": rows scattered into a padded [E, max rows, D] batch and two batched GEMMs (CPU libraries parallelise
+  a batched GEMM over experts; near-uniform groups waste little padding).
+- "auto": the fixed rule of `auto_kernel_name`.
+- any callable with the signature `kernel(x, tokens_per_expert, w1, b1, w2, b2, activation)` (a backend's).
+Under `torch.autocast`, `grouped_ffn` casts the operands to the autocast dtype itself and runs the kernel with
+autocast off: `torch._grouped_mm` is not an autocast op, and autocast state is per thread (worker threads and
+custom backwards would otherwise run in fp32).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch.nn import functional as F
 
-from .cpu_gemm import needs_autograd, onednn_linear, onednn_weight_grad, takes_onednn
-from .expert_threads import for_each_expert
-
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+KERNELS = ("auto", "grouped_mm", "loop", "bmm")
+
+ExpertsKernel = Callable[..., torch.Tensor]  # (x, tokens_per_expert, w1, b1, w2, b2, activation) -> [R, D]
+
+
+def grouped_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation: str,
+                implementation: str | ExpertsKernel = "auto") -> torch.Tensor:
+    """x [R, D] grouped by expert, tokens_per_expert [E] → [R, D]. w1 [E, F, D], w2 [E, D, F].
+    `implementation`: a name of `KERNELS` or a kernel callable (see the module docstring)."""
+    kernel = implementation if callable(implementation) else _NAMED_KERNELS[check_kernel(implementation)]
+    if x.shape[0] == 0:
+        # Keep the graph connected so every parameter gets a (zero) gradient, as DDP/ZeRO expect.
+        return x + 0.0 * (w1.sum() + b1.sum() + w2.sum() + b2.sum())
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return kernel(x, tokens_per_expert, w1, b1, w2, b2, activation)
+    x, w1, b1, w2, b2 = (t.to(dtype) for t in (x, w1, b1, w2, b2))  # .to() sends fp32 gradients to fp32 weights
+    with torch.autocast(x.device.type, enabled=False):
+        return kernel(x, tokens_per_expert, w1, b1, w2, b2, activation)
+
+
+def check_kernel(implementation) -> str | ExpertsKernel:
+    """The implementation itself, or a one-line ValueError naming the valid choices."""
+    if not callable(implementation) and implementation not in KERNELS:
+        raise ValueError(f"experts kernel {implementation!r} is not one of {KERNELS} (or a kernel callable); "
+                         "\"auto\" picks one per call by a fixed rule")
+    return implementation
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would give a GEMM on x's device, or None outside autocast (float64 is never cast)."""
+    device = x.device.type
+    if not x.is_floating_point() or x.dtype == torch.float64 or not torch.amp.is_autocast_available(device):
+        return None
+    if not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def needs_autograd(*tensors: torch.Tensor | None) -> bool:
+    """Whether an op on these tensors (None skipped) must record a graph."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+# ----------------------------------------------------------------------------------------------------- "auto"
+
+
+def auto_kernel_name(x: torch.Tensor, tokens_per_expert: torch.Tensor, w1: torch.Tensor, training: bool) -> str:
+    """The rule behind "auto", deterministic given the inputs:
+    1. CUDA: "grouped_mm" where torch has it and rows are 16-byte aligned (its kernels' requirement), else "loop".
+    2. CPU without autograd (translation): "loop" (both GEMMs of an expert back to back).
+    3. CPU with autograd: "bmm" while the padding it computes stays within `padded_bmm_waste_budget` (near-uniform
+       groups, as in capacity-limited training), else "loop"."""
+    if x.is_cuda:  # 1.
+        return "grouped_mm" if _grouped_mm_supported(x, w1) else "loop"
+    if not training:  # 2.
+        return "loop"
+    counts = tokens_per_expert.tolist()  # 3. host sync; free on CPU
+    return "bmm" if prefers_padded_bmm(counts, x.shape[0]) else "loop"
+
+
+def auto_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation):
+    name = auto_kernel_name(x, tokens_per_expert, w1, needs_autograd(x, w1, b1, w2, b2))
+    return _NAMED_KERNELS[name](x, tokens_per_expert, w1, b1, w2, b2, activation)
 
 
 def padded_bmm_waste_budget(rows_per_expert: float) -> float:
     """How many padded rows per real row (E·max_count / R) a padded bmm may compute and still beat the
-    per-expert loop. Measured on 2 cores (fwd+bwd, d=512, ffn=2048): the loop costs 26 % more per row than
-    bmm at 32 rows per expert, 15 % at 128 and 6 % at 512 — small GEMMs gain from bmm, large ones do not."""
+    per-expert loop: a batched GEMM gains more over separate library calls the smaller each expert's group
+    (fitted to fwd+bwd timings at d=512, ffn=2048 on 2 cores; a fixed rule, so "auto" is reproducible)."""
     advantage = 0.06 + 0.05 * math.log2(512 / max(rows_per_expert, 1.0))
     return 1.0 + min(max(advantage, 0.0), 0.30)
 
 
-def _prefers_padded_bmm(counts: list[int], num_rows: int) -> bool:
+def prefers_padded_bmm(counts: list[int], num_rows: int) -> bool:
     return max(counts) * len(counts) <= padded_bmm_waste_budget(num_rows / len(counts)) * num_rows
 
 
-def _loop_runs_on_onednn(x: torch.Tensor, counts: list[int], w1: torch.Tensor) -> bool:
-    """Whether a typical expert's GEMMs in the loop go to oneDNN (cpu_gemm). Then the loop wins outright:
-    fwd+bwd, uniform groups, d=512, ffn=2048, 2 cores, loop on oneDNN vs padded bmm on MKL: 16 rows per
-    expert 298 vs 316 ms (E=128) and 106 vs 128 ms (E=64); 32 rows 274 vs 374 ms; 64 rows 200 vs 311 ms."""
-    return takes_onednn(x[: max(x.shape[0] // len(counts), 1)], w1[0])
+def _grouped_mm_supported(x: torch.Tensor, w1: torch.Tensor) -> bool:
+    """torch._grouped_mm exists and its CUDA kernels can take these rows (d and ffn 16-byte aligned)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    return (x.shape[1] * x.element_size()) % 16 == 0 and (w1.shape[1] * x.element_size()) % 16 == 0
+
+
+# ------------------------------------------------------------------------------------------------ activations
 
 
 def activation_forward(name: str, h: torch.Tensor) -> torch.Tensor:
@@ -66,53 +138,19 @@ def activation_backward(name: str, grad: torch.Tensor, h: torch.Tensor) -> torch
     return torch.ops.aten.silu_backward.grad_input(grad, h, grad_input=grad)
 
 
-def grouped_ffn(x, tokens_per_expert, w1, b1, w2, b2, activation: str) -> torch.Tensor:
-    """x [R, D] grouped by expert, tokens_per_expert [E] → [R, D]. w1 [E, F, D], w2 [E, D, F]."""
-    if x.shape[0] == 0:
-        # Keep the graph connected so every parameter gets a (zero) gradient, as DDP/ZeRO expect.
-        return x + 0.0 * (w1.sum() + b1.sum() + w2.sum() + b2.sum())
-    if _use_grouped_mm(x, w1):
-        return _GroupedMMFFN.apply(x, tokens_per_expert, w1, b1, w2, b2, activation)
-    counts = tokens_per_expert.tolist()  # host sync; free on CPU
-    if not x.is_cuda:
-        if not needs_autograd(x, w1, b1, w2, b2):
-            return _inference_ffn(x, counts, w1, b1, w2, b2, activation)
-        if not _loop_runs_on_onednn(x, counts, w1) and _prefers_padded_bmm(counts, x.shape[0]):
-            return _padded_bmm_ffn(x, tokens_per_expert, max(counts), w1, b1, w2, b2, activation)
-    return _LoopFFN.apply(x, counts, w1, b1, w2, b2, activation)
+# ------------------------------------------------------------------------------------------------ grouped_mm
 
 
-def _inference_ffn(x, counts, w1, b1, w2, b2, activation):
-    """No autograd: each worker runs act(x_e W1_eᵀ + b1_e) W2_eᵀ + b2_e for its experts in one go.
-    Measured at decode size (128 uneven rows, 16 experts, d=512, ffn=2048, 2 cores): 7.8 ms against
-    11.7 ms for the two-pass training loop; on oneDNN (see cpu_gemm) with the activation fused into the
-    first GEMM, where it applies."""
-    y = x.new_empty(x.shape[0], w2.shape[1])
-
-    def expert_ffn(e: int, lo: int, hi: int) -> None:
-        if hi == lo:
-            return
-        if takes_onednn(x[lo:hi], w1[e], b1[e]):
-            y[lo:hi] = onednn_linear(onednn_linear(x[lo:hi], w1[e], b1[e], activation), w2[e], b2[e])
-        else:
-            hidden = activation_forward(activation, torch.addmm(b1[e], x[lo:hi], w1[e].t()))
-            torch.addmm(b2[e], hidden, w2[e].t(), out=y[lo:hi])
-
-    for_each_expert(expert_ffn, _bounds(counts))
-    return y
+def grouped_mm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation):
+    if x.is_cuda and not _grouped_mm_supported(x, w1):
+        raise ValueError(f"experts kernel 'grouped_mm' needs torch._grouped_mm and 16-byte aligned rows on CUDA "
+                         f"(d={x.shape[1]}, ffn={w1.shape[1]} in {x.dtype}); use 'auto' or 'loop'")
+    return _GroupedMMFFN.apply(x, tokens_per_expert, w1, b1, w2, b2, activation)
 
 
 def _expert_of_row(tokens_per_expert: torch.Tensor, num_rows: int) -> torch.Tensor:
     experts = torch.arange(tokens_per_expert.numel(), device=tokens_per_expert.device)
     return torch.repeat_interleave(experts, tokens_per_expert, output_size=num_rows)
-
-
-def _use_grouped_mm(x: torch.Tensor, w1: torch.Tensor) -> bool:
-    """CUDA with torch._grouped_mm, whose kernels need 16-byte aligned rows (d and ffn multiples of 8 in
-    bf16). On CPU the per-expert paths below measured faster than torch's grouped_mm loop."""
-    if not (x.is_cuda and hasattr(torch, "_grouped_mm")):
-        return False
-    return (x.shape[1] * x.element_size()) % 16 == 0 and (w1.shape[1] * x.element_size()) % 16 == 0
 
 
 class _GroupedMMFFN(torch.autograd.Function):
@@ -150,6 +188,13 @@ def _row_sums_per_group(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tens
     because the kernels need 16-byte aligned strides; the transposed view keeps that for any R."""
     ones = rows.new_ones(rows.shape[0], 8).t()  # [8, R], column-major
     return torch._grouped_mm(ones, rows, offs=offsets)[:, 0]
+
+
+# ------------------------------------------------------------------------------------------------------- bmm
+
+
+def bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation):
+    return _padded_bmm_ffn(x, tokens_per_expert, int(tokens_per_expert.max()), w1, b1, w2, b2, activation)
 
 
 def _padded_bmm_ffn(x, tokens_per_expert, rows_per_expert, w1, b1, w2, b2, activation):
@@ -192,21 +237,75 @@ class _BatchedFFN(torch.autograd.Function):
         return grad_x, grad_w1, grad_h.sum(dim=1), grad_w2, grad_y.sum(dim=1), None
 
 
+
+# ------------------------------------------------------------------------------------------------------ loop
+
+
+class ExpertGemms:
+    """How the "loop" kernel runs one expert's GEMMs, and on which thread: here torch's own ops, one expert
+    after another on the calling thread (each GEMM split over torch's intra-op threads). A backend subclasses
+    it (another GEMM library, experts concurrently on worker threads); what the loop computes and keeps for
+    the backward stays in `_LoopFFN`. Every method writes only its own expert's slices."""
+
+    name = "torch"
+
+    def for_each_expert(self, work: Callable[[int, int, int], None], bounds: list[tuple[int, int]]) -> None:
+        """Call `work(expert, lo, hi)` for every expert (rows lo:hi)."""
+        for expert, (lo, hi) in enumerate(bounds):
+            work(expert, lo, hi)
+
+    def linear_into(self, x, weight, bias, out) -> None:
+        """out = x·weightᵀ + bias."""
+        torch.addmm(bias, x, weight.t(), out=out)
+
+    def ffn_into(self, x, w1, b1, w2, b2, activation: str, out) -> None:
+        """out = act(x·w1ᵀ + b1)·w2ᵀ + b2 (no autograd)."""
+        hidden = activation_forward(activation, torch.addmm(b1, x, w1.t()))
+        torch.addmm(b2, hidden, w2.t(), out=out)
+
+    def grads_into(self, grad_out, inputs, weight, grad_in, grad_weight) -> None:
+        """For out = inputs·weightᵀ + b: grad_in = grad_out·weight, grad_weight = grad_outᵀ·inputs."""
+        torch.mm(grad_out, weight, out=grad_in)
+        torch.mm(grad_out.t(), inputs, out=grad_weight)
+
+
+TORCH_GEMMS = ExpertGemms()
+
+
+def loop_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, gemms: ExpertGemms = TORCH_GEMMS):
+    counts = tokens_per_expert.tolist()  # host sync (on CUDA too: the loop needs the row bounds)
+    if needs_autograd(x, w1, b1, w2, b2):
+        return _LoopFFN.apply(x, counts, w1, b1, w2, b2, activation, gemms)
+    return _inference_ffn(x, counts, w1, b1, w2, b2, activation, gemms)
+
+
+def _inference_ffn(x, counts, w1, b1, w2, b2, activation, gemms: ExpertGemms):
+    """No autograd: act(x_e W1_eᵀ + b1_e) W2_eᵀ + b2_e per expert in one go (one pass over the experts, the
+    hidden rows still in cache for the second GEMM)."""
+    y = x.new_empty(x.shape[0], w2.shape[1])
+
+    def expert_ffn(e: int, lo: int, hi: int) -> None:
+        if hi > lo:
+            gemms.ffn_into(x[lo:hi], w1[e], b1[e], w2[e], b2[e], activation, y[lo:hi])
+
+    gemms.for_each_expert(expert_ffn, _bounds(counts))
+    return y
+
+
 class _LoopFFN(torch.autograd.Function):
-    """Per-expert GEMMs into preallocated slices, experts spread over single-threaded workers
-    (expert_threads.py); keeps only x and h for the backward."""
+    """Per-expert GEMMs into preallocated slices (`gemms` decides how and where they run); keeps only x and h
+    for the backward."""
 
     @staticmethod
-    def forward(ctx, x, counts, w1, b1, w2, b2, activation):
+    def forward(ctx, x, counts, w1, b1, w2, b2, activation, gemms):
         bounds = _bounds(counts)
         h = x.new_empty(x.shape[0], w1.shape[1])  # [R, F]
-        parallel = not x.is_cuda  # GPU kernels queue on one stream: worker threads would only add overhead
-        for_each_expert(_linear_into(x, w1, b1, h), bounds, parallel)
+        gemms.for_each_expert(_linear_into(gemms, x, w1, b1, h), bounds)
         a = activation_forward(activation, h)
         y = x.new_empty(x.shape[0], w2.shape[1])  # [R, D]
-        for_each_expert(_linear_into(a, w2, b2, y), bounds, parallel)
+        gemms.for_each_expert(_linear_into(gemms, a, w2, b2, y), bounds)
         ctx.save_for_backward(x, h, w1, w2)
-        ctx.bounds, ctx.activation, ctx.parallel = bounds, activation, parallel
+        ctx.bounds, ctx.activation, ctx.gemms = bounds, activation, gemms
         return y
 
     @staticmethod
@@ -217,31 +316,27 @@ class _LoopFFN(torch.autograd.Function):
         a = activation_forward(ctx.activation, h)  # recomputed: cheaper than keeping [R, F] alive
         # 1.
         grad_a = torch.empty_like(h)
-        grad_w2, grad_b2 = _per_expert_weight_grads(ctx.bounds, grad_y, a, w2, grad_a, ctx.parallel)
+        grad_w2, grad_b2 = _per_expert_weight_grads(ctx.gemms, ctx.bounds, grad_y, a, w2, grad_a)
         # 2.
         grad_h = activation_backward(ctx.activation, grad_a, h)
         del grad_a, a
         # 3.
         grad_x = torch.empty_like(x)
-        grad_w1, grad_b1 = _per_expert_weight_grads(ctx.bounds, grad_h, x, w1, grad_x, ctx.parallel)
-        return grad_x, None, grad_w1, grad_b1, grad_w2, grad_b2, None
+        grad_w1, grad_b1 = _per_expert_weight_grads(ctx.gemms, ctx.bounds, grad_h, x, w1, grad_x)
+        return grad_x, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
 
-def _linear_into(inputs, weight, bias, out):
-    """work(e, lo, hi): out rows of expert e = inputs rows · weight[e]ᵀ + bias[e] (oneDNN where it pays)."""
+def _linear_into(gemms: ExpertGemms, inputs, weight, bias, out):
+    """work(e, lo, hi): out rows of expert e = inputs rows · weight[e]ᵀ + bias[e]."""
 
     def expert_linear(e: int, lo: int, hi: int) -> None:
-        if hi == lo:
-            return
-        if takes_onednn(inputs[lo:hi], weight[e]):
-            out[lo:hi] = onednn_linear(inputs[lo:hi], weight[e], bias[e])
-        else:
-            torch.addmm(bias[e], inputs[lo:hi], weight[e].t(), out=out[lo:hi])
+        if hi > lo:
+            gemms.linear_into(inputs[lo:hi], weight[e], bias[e], out[lo:hi])
 
     return expert_linear
 
 
-def _per_expert_weight_grads(bounds, grad_out, inputs, weight, grad_in, parallel):
+def _per_expert_weight_grads(gemms: ExpertGemms, bounds, grad_out, inputs, weight, grad_in):
     """For out_e = in_e Wᵀ + b: writes grad_in rows, returns (dW [E, O, I], db [E, O]) slice by slice."""
     grad_weight = torch.empty_like(weight)
     grad_bias = weight.new_empty(weight.shape[0], weight.shape[1])
@@ -251,15 +346,10 @@ def _per_expert_weight_grads(bounds, grad_out, inputs, weight, grad_in, parallel
             grad_weight[e].zero_()
             grad_bias[e].zero_()
             return
-        if takes_onednn(grad_out[lo:hi], weight[e].t()):  # rows·O·I, the FLOPs of all three products
-            grad_in[lo:hi] = onednn_linear(grad_out[lo:hi], weight[e].t())
-            grad_weight[e] = onednn_weight_grad(grad_out[lo:hi], inputs[lo:hi])
-        else:
-            torch.mm(grad_out[lo:hi], weight[e], out=grad_in[lo:hi])
-            torch.mm(grad_out[lo:hi].t(), inputs[lo:hi], out=grad_weight[e])
+        gemms.grads_into(grad_out[lo:hi], inputs[lo:hi], weight[e], grad_in[lo:hi], grad_weight[e])
         torch.sum(grad_out[lo:hi], dim=0, out=grad_bias[e])
 
-    for_each_expert(expert_grads, bounds, parallel)
+    gemms.for_each_expert(expert_grads, bounds)
     return grad_weight, grad_bias
 
 
@@ -269,3 +359,8 @@ def _bounds(counts: list[int]) -> list[tuple[int, int]]:
         bounds.append((start, start + count))
         start += count
     return bounds
+
+
+_NAMED_KERNELS: dict[str, ExpertsKernel] = {
+    "auto": auto_kernel, "grouped_mm": grouped_mm_kernel, "loop": loop_kernel, "bmm": bmm_kernel,
+}

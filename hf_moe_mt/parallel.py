@@ -131,7 +131,7 @@ class ExpertParallelExperts(GroupedExperts):
         local_rows = rows.index_select(0, order)
         # 4.
         out = grouped_ffn(local_rows, received.sum(0), self.up_proj, self.up_proj_bias,
-                          self.down_proj, self.down_proj_bias, self.activation)
+                          self.down_proj, self.down_proj_bias, self.activation, self.implementation)
         # 5.
         out = torch.empty_like(out).index_copy(0, order, out)
         return all_to_all(out, send_splits, recv_splits, self.groups.ep_group)
@@ -176,6 +176,7 @@ def parallelize_experts(model: nn.Module, groups: ExpertParallelGroups) -> nn.Mo
         if isinstance(full, ExpertParallelExperts):
             raise ValueError(f"{name} is already expert-parallel; call parallelize_experts once")
         sliced = ExpertParallelExperts(full.num_experts, full.hidden_size, full.ffn_dim, full.activation, groups)
+        sliced.implementation = full.implementation
         sliced.to(device=full.up_proj.device, dtype=full.up_proj.dtype)
         start, stop = sliced.first_global_expert, sliced.first_global_expert + sliced.num_experts
         with torch.no_grad():

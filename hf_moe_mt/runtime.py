@@ -1,7 +1,8 @@
-"""Process-wide CPU memory settings for MoE training (glibc). Never applied on import: `hf-moe-mt train`
-and the benchmark scripts call `keep_freed_memory()`; scripts of your own may call it too. A process
-that keeps freed memory holds its peak footprint: call `release_freed_memory()` between phases that
-allocate differently (e.g. between models of different sizes), or the heap fragments and grows."""
+"""Process-wide CPU memory settings for MoE training (transparent huge pages, glibc). Never applied on import:
+`hf-moe-mt train`/`quickstart` and the benchmark scripts call `apply_memory_settings()`; scripts of your own
+may call it too (first thing, before any tensor exists). A process that keeps freed memory holds its peak
+footprint: call `release_freed_memory()` between phases that allocate differently (e.g. between models of
+different sizes), or the heap fragments and grows."""
 
 from __future__ import annotations
 
@@ -12,6 +13,24 @@ import sys
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 _M_MMAP_MAX = -4
 OPT_OUT = "HF_MOE_MT_KEEP_FREED_MEMORY"  # set to 0 to leave glibc's defaults alone
+
+
+THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"  # PyTorch's switch; set it to 0 yourself to opt out
+
+
+def apply_memory_settings() -> dict[str, bool]:
+    """Both settings below; returns which took effect."""
+    return {"transparent_huge_pages": use_transparent_huge_pages(), "keep_freed_memory": keep_freed_memory()}
+
+
+def use_transparent_huge_pages() -> bool:
+    """Back large CPU tensors with transparent huge pages (PyTorch's THP_MEM_ALLOC_ENABLE), unless the
+    environment already says otherwise. Why: expert gradients are fresh allocations every step
+    (zero_grad(set_to_none=True)) and page-faulting them in 4 KiB pages costs several times more than in
+    2 MiB ones. PyTorch reads the variable once, at its first CPU allocation, so this works only before any
+    tensor exists; child processes inherit it. Returns whether THP is requested now."""
+    os.environ.setdefault(THP_VARIABLE, "1")
+    return os.environ[THP_VARIABLE] == "1"
 
 
 def keep_freed_memory() -> bool:

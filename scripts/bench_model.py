@@ -10,10 +10,11 @@ first alternates), the table reporting the median over rounds:
 Beam-4 translation of ours is also timed, in the same rounds, with a static self-attention cache, without and
 with `torch.compile` (fullgraph, static shapes, `--compile-backend`); transformers 5.24 compiles `generate` by
 itself only for greedy/sampled decoding, so the compiled copy gets its forward compiled directly.
-On CPU two more rows per metric and round separate the GEMM backend from the rest: ours with every GEMM on
-MKL (`cpu_gemm.use_onednn(False)`: torch's default backend) and NLLB-MoE with its `nn.Linear`s (experts
-included) switched to oneDNN like ours (`cpu_gemm.linear`, forward and backward) — how much of the lead is
-the backend, how much the model.
+On CPU ours runs with the CPU backend our commands apply (`hf_moe_mt.backends.enable_fast_cpu`: GEMM library
+per use from a measured probe, experts on worker threads), NLLB-MoE as shipped. Two more rows per metric and
+round separate the backend from the model: ours without the backend (the model's own kernels, torch's default
+GEMMs: what a user's script gets without the call) and NLLB-MoE with the same backend applied (its `nn.Linear`s,
+experts included, on the library the probe chose for Linear layers).
 
 Same sizes on both sides: d_model, layers, heads, vocabulary, one FFN width for dense layers and experts, MoE
 in every `--sparse-step`-th layer, `--experts` experts, top-2 (NLLB-MoE's only mode), dropout 0.1, no
@@ -31,10 +32,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout needs no install
 
-import hf_moe_mt  # noqa: E402  before torch: its __init__ turns on THP for torch's CPU allocator
-from hf_moe_mt.runtime import keep_freed_memory  # noqa: E402
+from hf_moe_mt.runtime import apply_memory_settings  # noqa: E402
 
-KEPT_FREED_MEMORY = keep_freed_memory()  # every row/model alike; HF_MOE_MT_KEEP_FREED_MEMORY=0 opts out
+# Before any tensor exists (PyTorch reads THP_MEM_ALLOC_ENABLE at its first allocation); both models alike.
+MEMORY_SETTINGS = apply_memory_settings()
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
@@ -43,13 +44,14 @@ import math  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
-from contextlib import contextmanager, nullcontext  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 
 import torch  # noqa: E402
 from transformers import NllbMoeConfig, NllbMoeForConditionalGeneration  # noqa: E402
 
-from hf_moe_mt import cpu_gemm  # noqa: E402
+import hf_moe_mt  # noqa: E402
+from hf_moe_mt.backends import choose_gemm, describe_machine, disable_fast_cpu, enable_fast_cpu  # noqa: E402
 from hf_moe_mt.moe import GroupedExperts  # noqa: E402
 
 TARGETS = {"train_tokens_per_s": 3.0, "translate_sentences_per_s": 2.0}
@@ -89,21 +91,24 @@ class Contender:
 
 @contextmanager
 def gemm_backend(model: torch.nn.Module, gemm: str):
-    """gemm: "default" (each model as shipped), "mkl" (ours with cpu_gemm off), "onednn" (every plain
-    nn.Linear of `model` routed through cpu_gemm.linear, as ours are)."""
-    linears = [m for m in model.modules() if type(m) is torch.nn.Linear] if gemm == "onednn" else []
-    for module in linears:
-        module.forward = lambda x, module=module: cpu_gemm.linear(x, module.weight, module.bias)
+    """gemm: "default" (each model as the benchmark runs it: ours with the CPU backend on CPU, NLLB-MoE as
+    shipped), "standard" (the backend taken off ours for the block), "backend" (applied to NLLB-MoE's
+    nn.Linears for the block)."""
+    if gemm == "standard":
+        disable_fast_cpu(model)
+    elif gemm == "backend":
+        enable_fast_cpu(model)
     try:
-        with cpu_gemm.use_onednn(False) if gemm == "mkl" else nullcontext():  # "default" honours HF_MOE_MT_ONEDNN
-            yield
+        yield
     finally:
-        for module in linears:
-            del module.forward
+        if gemm == "standard":
+            enable_fast_cpu(model)
+        elif gemm == "backend":
+            disable_fast_cpu(model)
 
 
-# rows that separate the GEMM backend from the model: (row name, contender, gemm)
-GEMM_VARIANTS = (("ours, MKL GEMMs", "ours", "mkl"), ("NLLB-MoE, oneDNN GEMMs", "nllb_moe", "onednn"))
+# rows that separate the CPU backend from the model: (row name, contender, gemm)
+GEMM_VARIANTS = (("ours, no backend", "ours", "standard"), ("NLLB-MoE, with the backend", "nllb_moe", "backend"))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -159,6 +164,8 @@ def build_models(args) -> list[Contender]:
         **common, expert_capacity=capacity, encoder_layerdrop=0.0, decoder_layerdrop=0.0, moe_token_dropout=0.0,
         moe_eval_capacity_token_fraction=1.0,
     ))
+    if args.device == "cpu":
+        enable_fast_cpu(ours)
     return [Contender("ours", ours.to(args.device), {}),
             Contender("nllb_moe", nllb.to(args.device), {"output_router_logits": True})]
 
@@ -285,7 +292,10 @@ def run(args) -> dict:
             "gemm_variants": {row: {"per_round": values,
                                     "median": {metric: statistics.median(v) for metric, v in values.items()}}
                               for row, values in variant_results.items()}, "targets": TARGETS,
-            "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__}
+            "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+            "machine": describe_machine(),
+            "cpu_backend": choose_gemm().describe() if args.device == "cpu" else "not used (CUDA)",
+            "memory_settings": MEMORY_SETTINGS}
 
 
 def format_table(report: dict) -> str:
@@ -295,8 +305,9 @@ def format_table(report: dict) -> str:
         f"top-{args['top_k']} (NLLB-MoE top-2), MoE every {args['sparse_step']} layers, ffn {args['ffn_dim']}, "
         f"vocab {args['vocab_size']}; train batch {args['batch_size']}x{args['seq_len']}+{args['seq_len']}, "
         f"translate {args['translate_batch_size']} sentences, beam {args['beams']}, {args['new_tokens']} new tokens; "
-        f"{report['torch_threads']} threads, median of {args['rounds']} rounds; glibc keeps freed memory: "
-        f"{KEPT_FREED_MEMORY} (both models)",
+        f"{report['torch_threads']} threads, median of {args['rounds']} rounds; memory settings (both models): "
+        f"{report['memory_settings']}",
+        f"machine: {report['machine']}; ours: CPU backend {report['cpu_backend']}",
         f"parameters: ours {report['parameters']['ours'] / 1e6:.1f} M, NLLB-MoE "
         f"{report['parameters']['nllb_moe'] / 1e6:.1f} M",
         "",
@@ -308,10 +319,10 @@ def format_table(report: dict) -> str:
                      f"{ratio[metric]:>5.2f}x | {target:>5.1f}x |")
     variants = report["gemm_variants"]
     if variants:
-        lines += ["", "by GEMM backend (same rounds; on CPU ours runs oneDNN, NLLB-MoE torch's default MKL):",
+        lines += ["", "with and without the CPU backend (same rounds; ours runs with it, NLLB-MoE as shipped without):",
                   f"| {'row':<27} | {'train tok/s':>11} | {'÷ NLLB':>6} | {'translate sent/s':>16} | {'÷ NLLB':>6} |",
                   f"|{'-' * 29}|{'-' * 13}|{'-' * 8}|{'-' * 18}|{'-' * 8}|"]
-        for row, values in [("ours (oneDNN)", median["ours"]), ("NLLB-MoE (MKL)", median["nllb_moe"]),
+        for row, values in [("ours (with the backend)", median["ours"]), ("NLLB-MoE (as shipped)", median["nllb_moe"]),
                              *((row, v["median"]) for row, v in variants.items())]:
             train, translate = values["train_tokens_per_s"], values["translate_sentences_per_s"]
             lines.append(f"| {row:<27} | {train:>11.1f} | {train / median['nllb_moe']['train_tokens_per_s']:>5.2f}x | "

@@ -9,14 +9,21 @@ pass per row: on CPU the torch profiler's allocator events (profile_memory) give
 bytes allocated during one forward+backward above what was live before it (activations, temporaries and
 the parameter gradients; not the parameters or inputs); on CUDA, max_memory_allocated above the same baseline.
 
-Rows (--rows): dense (our `cpu_gemm.Linear`: on CPU its GEMMs, forward and backward, run on oneDNN, as
-our experts' do), dense_torch (`nn.Linear`, torch's default GEMMs: MKL on CPU, the same as dense on CUDA),
-floor (this layer's expert GEMMs alone on perfectly balanced groups of T·k/E rows: no
-router, no dispatch — what any grouped-GEMM MoE costs at best with this machine's GEMM library),
-ours_cf1.25 / ours_cf1.0 / ours_dropless (this layer), deepspeed
-(deepspeed.moe.layer.MoE, ep_size=1, cf 1.25, a gloo group of size 1), hf_grouped_mm / hf_eager (transformers'
-experts interface on NemotronHExperts, its non-gated 3-D experts), switch (SwitchTransformersSparseMLP, k=1),
-nllb (NllbMoeSparseMLP, k=2, only E ≤ --nllb-max-experts). hf_eager is off by default (slow).
+Rows (--rows): dense (`nn.Linear` FFN with the CPU backend applied: its GEMMs on the library the backend's
+probe chose for Linear layers), dense_torch (the same FFN on torch's default GEMMs: MKL on x86 CPUs), floor
+(this layer's expert GEMMs alone on perfectly balanced groups of T·k/E rows, backend applied: no router, no
+dispatch — what any grouped-GEMM MoE costs at best with this machine's GEMM library), ours_cf1.25 / ours_cf1.0 /
+ours_dropless (this layer with the CPU backend, `hf_moe_mt.backends.enable_fast_cpu`, as our commands run it),
+ours_standard (cf 1.0, the model's own kernels without the backend: what a user's script gets without the
+call), deepspeed (deepspeed.moe.layer.MoE, ep_size=1, cf 1.25, a gloo group of size 1), hf_grouped_mm / hf_eager
+(transformers' experts interface on NemotronHExperts, its non-gated 3-D experts), switch
+(SwitchTransformersSparseMLP, k=1), nllb (NllbMoeSparseMLP, k=2, only E ≤ --nllb-max-experts). hf_eager is off by
+default (slow). The ratio column divides by the faster of the two dense rows at that point.
+
+Two tables: first in this process with the memory settings our commands use (transparent huge pages, glibc
+keeping freed memory: hf_moe_mt.runtime.apply_memory_settings), then — on CPU, unless --no-plain — the same
+rows in a plain child process without either setting, as users' own scripts run. Every table says which CPU,
+how many cores and which backends it ran with.
 
   python scripts/bench_moe_layer.py                          # the full table (T=4096, d=512, ffn=2048)
   python scripts/bench_moe_layer.py --tokens 256 --d-model 64 --ffn 128 --experts 4,8 --repeats 2
@@ -32,14 +39,15 @@ from __future__ import annotations
 import os
 import sys
 
+PLAIN_PROCESS = "--plain-process" in sys.argv  # the second table's child: no process memory settings
 if "--no-thp" in sys.argv:
     os.environ["THP_MEM_ALLOC_ENABLE"] = "0"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout needs no install
 
-import hf_moe_mt  # noqa: E402,F401  before torch: its __init__ turns on THP for torch's CPU allocator
-from hf_moe_mt.runtime import keep_freed_memory, release_freed_memory  # noqa: E402
+from hf_moe_mt.runtime import apply_memory_settings, release_freed_memory  # noqa: E402
 
-KEPT_FREED_MEMORY = keep_freed_memory()  # every row/model alike; HF_MOE_MT_KEEP_FREED_MEMORY=0 opts out
+# Before any tensor exists (PyTorch reads THP_MEM_ALLOC_ENABLE at its first allocation); every row alike.
+MEMORY_SETTINGS = {} if PLAIN_PROCESS else apply_memory_settings()
 
 import argparse  # noqa: E402
 import contextlib  # noqa: E402
@@ -50,6 +58,8 @@ import logging  # noqa: E402
 import math  # noqa: E402
 import socket  # noqa: E402
 import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 import types  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -57,13 +67,14 @@ from dataclasses import dataclass, field  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from hf_moe_mt import cpu_gemm  # noqa: E402
+from hf_moe_mt.backends import choose_gemm, describe_machine, enable_fast_cpu  # noqa: E402
 from hf_moe_mt.moe import GroupedExperts, SparseMoE  # noqa: E402
 
 ANCHOR_CF = 1.25  # DeepSpeed's (and our anchor rows') capacity factor
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-ROWS = ("dense", "dense_torch", "floor", "ours_cf1.25", "ours_cf1.0", "ours_dropless", "deepspeed", "hf_grouped_mm",
-        "hf_eager", "switch", "nllb")
+ROWS = ("dense", "dense_torch", "floor", "ours_cf1.25", "ours_cf1.0", "ours_dropless", "ours_standard", "deepspeed",
+        "hf_grouped_mm", "hf_eager", "switch", "nllb")
+MOE_ROWS = ("hf_moe_mt", "DeepSpeed", "transformers")  # name prefixes of the rows that are MoE layers
 DEFAULT_ROWS = tuple(r for r in ROWS if r != "hf_eager")
 
 
@@ -112,6 +123,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the (untimed) peak-memory pass")
     parser.add_argument("--no-thp", action="store_true", help="THP_MEM_ALLOC_ENABLE=0 for this run (all rows)")
+    parser.add_argument("--gemm", choices=["auto", "onednn", "torch"], default="auto",
+                        help="the CPU backend's GEMM library: auto = its cached probe (or HF_MOE_MT_CPU_GEMM)")
+    parser.add_argument("--no-plain", action="store_true", help="skip the second table (plain child process)")
+    parser.add_argument("--plain-process", action="store_true", help=argparse.SUPPRESS)  # set for the child
     parser.add_argument("--json", type=str, default=None, help="write every number to this JSON file")
     parser.add_argument("--profile", action="store_true",
                         help="after each point, print the ops/kernels of one hf_moe_mt cf1.0 step by self time (stderr)")
@@ -152,12 +167,12 @@ def build_rows(args, k: int, num_experts: int) -> list[Row]:
     so are anchor rows that cannot be built here (missing package, no kernel for this device)."""
     builders = {
         "dense": _dense_row, "dense_torch": _dense_row, "floor": _floor_row,
-        "ours_cf1.25": _ours_row, "ours_cf1.0": _ours_row, "ours_dropless": _ours_row,
+        "ours_cf1.25": _ours_row, "ours_cf1.0": _ours_row, "ours_dropless": _ours_row, "ours_standard": _ours_row,
         "deepspeed": _deepspeed_row, "hf_grouped_mm": _hf_experts_row, "hf_eager": _hf_experts_row,
         "switch": _switch_row, "nllb": _nllb_row,
     }
     rows = []
-    for name in ["dense"] + [r for r in args.rows if r != "dense"]:
+    for name in ["dense", "dense_torch"] + [r for r in args.rows if not r.startswith("dense")]:
         torch.manual_seed(args.seed)
         if name in SKIPPED_ANCHORS:
             continue
@@ -171,18 +186,22 @@ def build_rows(args, k: int, num_experts: int) -> list[Row]:
             continue
         if row is not None:
             row.module.to(args.device, DTYPES[args.dtype]).train()
+            if name in BACKEND_ROWS and args.device == "cpu":
+                enable_fast_cpu(row.module, args.gemm)
             rows.append(row)
     return rows
 
 
+BACKEND_ROWS = ("dense", "floor", "ours_cf1.25", "ours_cf1.0", "ours_dropless")  # CPU backend applied, as we run
+
+
 def _dense_row(args, k, num_experts, name) -> Row:
-    """The ratio anchor: a dense FFN of equal activated FLOPs, on the same GEMMs as ours (cpu_gemm.Linear);
-    dense_torch is the same FFN on torch's own GEMMs, to show what the backend alone is worth."""
+    """The ratio anchor: a dense FFN of equal activated FLOPs (width k·ffn), `nn.Linear` layers; "dense" gets the
+    CPU backend (its GEMM library for Linear layers), "dense_torch" keeps torch's default GEMMs."""
     width = k * args.ffn
     act = nn.ReLU() if args.activation == "relu" else nn.GELU()
-    linear = cpu_gemm.Linear if name == "dense" else nn.Linear
-    module = nn.Sequential(linear(args.d_model, width), act, linear(width, args.d_model))
-    label = "dense FFN (width k·ffn)" if name == "dense" else "dense FFN, torch's nn.Linear GEMMs"
+    module = nn.Sequential(nn.Linear(args.d_model, width), act, nn.Linear(width, args.d_model))
+    label = "dense FFN, backend GEMMs" if name == "dense" else "dense FFN, torch's default GEMMs"
     return Row(label, "–", module, module)
 
 
@@ -204,12 +223,13 @@ def _floor_row(args, k, num_experts, name) -> Row:
 
 
 def _ours_row(args, k, num_experts, name) -> Row:
-    factor = {"ours_cf1.25": ANCHOR_CF, "ours_cf1.0": 1.0, "ours_dropless": 1.0}[name]
+    factor = {"ours_cf1.25": ANCHOR_CF, "ours_cf1.0": 1.0, "ours_dropless": 1.0, "ours_standard": 1.0}[name]
     dropless = name == "ours_dropless"
     module = SparseMoE(args.d_model, args.ffn, num_experts, top_k=k, capacity_factor=factor, min_capacity=4,
                        use_rts=True, drop_tokens=not dropless, activation=args.activation)
-    label = "hf_moe_mt SparseMoE" + (" (paper default)" if name == "ours_cf1.0" else "")
-    return Row(label, "dropless" if dropless else f"{factor}", module, lambda x: module(x)[0])
+    label = "hf_moe_mt SparseMoE" + {"ours_cf1.0": " (paper default)", "ours_standard": ", no backend"}.get(name, "")
+    note = "the model's own kernels (experts_kernel auto), no CPU backend" if name == "ours_standard" else ""
+    return Row(label, "dropless" if dropless else f"{factor}", module, lambda x: module(x)[0], note)
 
 
 def _deepspeed_row(args, k, num_experts, name) -> Row:
@@ -227,6 +247,9 @@ def _deepspeed_row(args, k, num_experts, name) -> Row:
                lambda x: module(x)[0], note)
 
 
+DISTRIBUTED_ENV_SET: set[str] = set()
+
+
 def _init_deepspeed(device: str) -> None:
     """A process group of size 1 (gloo on CPU); skip the ~100 s JIT build of the shm op DeepSpeed never uses here."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.startswith("cuda") else "cpu")
@@ -236,7 +259,9 @@ def _init_deepspeed(device: str) -> None:
         return
     for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(_free_port())}.items():
-        os.environ.setdefault(key, value)
+        if key not in os.environ:
+            os.environ[key] = value
+            DISTRIBUTED_ENV_SET.add(key)  # not for the plain child process: it needs its own port
     importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
@@ -402,7 +427,8 @@ def activated_flops(args, k: int) -> float:
 
 
 def summarize(args, k: int, num_experts: int, rows: list[Row]) -> list[dict]:
-    dense_ms = statistics.median(rows[0].times_ms)
+    """One record per row; the ratio divides by the faster dense FFN of this point."""
+    dense_ms = min(statistics.median(row.times_ms) for row in rows if row.name.startswith("dense"))
     records = []
     for row in rows:
         median = statistics.median(row.times_ms)
@@ -416,13 +442,19 @@ def summarize(args, k: int, num_experts: int, rows: list[Row]) -> list[dict]:
 
 def header_lines(args) -> list[str]:
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE", "unset")
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
+    if args.device.startswith("cuda"):
+        machine, backend = f"{torch.cuda.get_device_name()}, torch {torch.__version__}", "CPU backend not used (CUDA)"
+    else:
+        machine, backend = describe_machine(), "CPU backend: " + choose_gemm(args.gemm).describe()
+    process = ("plain process: no THP or glibc settings" if args.plain_process else
+               f"THP_MEM_ALLOC_ENABLE={thp}, glibc keeps freed memory: {MEMORY_SETTINGS.get('keep_freed_memory')}")
     return [
         f"MoE layer benchmark — forward+backward, median of {args.repeats} interleaved repetitions "
-        f"({args.warmup} warm-up), {device}, {args.dtype}, torch {torch.__version__}",
-        f"T={args.tokens} tokens, d={args.d_model}, expert ffn={args.ffn}, activation={args.activation} in every row, "
-        f"THP_MEM_ALLOC_ENABLE={thp}, glibc keeps freed memory: {KEPT_FREED_MEMORY} (all rows), capacity factors as listed (min_capacity 4 where it applies)",
-        "ratio = median ms / median ms of a dense FFN of width k·ffn measured in the same round-robin; "
+        f"({args.warmup} warm-up), {args.dtype}",
+        f"machine: {machine}; {backend}",
+        f"T={args.tokens} tokens, d={args.d_model}, expert ffn={args.ffn}, activation={args.activation} in every row; "
+        f"{process} (all rows); capacity factors as listed (min_capacity 4 where it applies)",
+        "ratio = median ms / median ms of the faster dense FFN of width k·ffn measured in the same round-robin; "
         "TFLOP/s = activated GEMM FLOPs (12·T·k·d·ffn) / median time; peak MiB = live torch bytes above the "
         "step's start (activations + gradients)",
     ]
@@ -450,10 +482,11 @@ def _footer(args, records) -> list[str]:
     if "nllb" in args.rows and 2 in args.top_k and skipped:
         lines.append(f"NllbMoeSparseMLP skipped at E={skipped} (> --nllb-max-experts {args.nllb_max_experts}): "
                      "transformers 5.24 dispatches it with one_hot(top_1_mask), so expert_0 processes (E-1)·T rows.")
+    lines += _points_summary(records)
     for k in args.top_k:
         for cf in (f"{ANCHOR_CF}", "1.0", "dropless"):
-            ours = {r["experts"]: r["median_ms"] for r in records
-                    if r["top_k"] == k and r["implementation"].startswith("hf_moe_mt") and r["capacity_factor"] == cf}
+            ours = {r["experts"]: r["median_ms"] for r in records if r["top_k"] == k and _is_ours(r, backend=True)
+                    and r["capacity_factor"] == cf}
             if len(ours) > 1:
                 lo, hi = min(ours), max(ours)
                 lines.append(f"flatness, k={k}, hf_moe_mt cf {cf}: E={hi} / E={lo} = {ours[hi] / ours[lo]:.2f}×")
@@ -465,16 +498,57 @@ def _footer(args, records) -> list[str]:
     return lines
 
 
-def write_json(path: str, args, records: list[dict]) -> None:
+def _is_ours(record: dict, backend: bool) -> bool:
+    return record["implementation"].startswith("hf_moe_mt") and ("no backend" in record["implementation"]) != backend
+
+
+def _points_summary(records: list[dict]) -> list[str]:
+    """Per (k, E): the fastest MoE row, and ours (cf 1.0, backend) against the floor."""
+    lines = []
+    for point in sorted({(r["top_k"], r["experts"]) for r in records}):
+        here = [r for r in records if (r["top_k"], r["experts"]) == point]
+        moe = [r for r in here if r["implementation"].startswith(MOE_ROWS)]
+        ours = next((r for r in here if _is_ours(r, backend=True) and r["capacity_factor"] == "1.0"), None)
+        floor = next((r for r in here if r["implementation"].startswith("expert GEMMs alone")), None)
+        if not moe:
+            continue
+        fastest = min(moe, key=lambda r: r["median_ms"])
+        line = f"k={point[0]} E={point[1]}: fastest MoE row {fastest['implementation']} cf {fastest['capacity_factor']}"
+        if ours and floor:
+            line += f"; ours cf 1.0 / floor = {ours['median_ms'] / floor['median_ms']:.2f}×"
+        lines.append(line)
+    return lines
+
+
+def write_json(path: str, args, records: list[dict], plain: dict | None = None) -> None:
     """Write to a temporary name, then rename: a reader never sees a half-written file."""
     payload = {"header": header_lines(args), "args": {k: v for k, v in vars(args).items()}, "rows": records}
+    if plain is not None:
+        payload["plain_process"] = plain
     tmp = f"{path}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2)
     os.replace(tmp, path)
 
 
+def run_plain_process(argv: list[str]) -> tuple[str, dict]:
+    """The same benchmark in a child process without THP or glibc settings (as users' own scripts run);
+    returns its table and its JSON payload."""
+    env = {key: value for key, value in os.environ.items()
+           if key != "THP_MEM_ALLOC_ENABLE" and key not in DISTRIBUTED_ENV_SET}
+    with tempfile.TemporaryDirectory() as folder:
+        out = os.path.join(folder, "plain.json")
+        rest = [a for i, a in enumerate(argv) if a != "--json" and (i == 0 or argv[i - 1] != "--json")]
+        result = subprocess.run([sys.executable, os.path.abspath(__file__), *rest, "--plain-process", "--json", out],
+                                stdout=subprocess.PIPE, text=True, env=env)
+        if result.returncode != 0:
+            raise SystemExit(f"error: the plain-process run failed (exit {result.returncode})")
+        with open(out, encoding="utf-8") as f:
+            return result.stdout, json.load(f)
+
+
 def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     records = []
@@ -486,9 +560,14 @@ def main(argv=None) -> None:
             gc.collect()
             release_freed_memory()
             print(f"  measured k={k} E={num_experts}", file=sys.stderr, flush=True)
-    print(format_table(args, records))
+    print(format_table(args, records), flush=True)
+    plain = None
+    if args.device == "cpu" and not (args.no_plain or args.plain_process):
+        print("\nThe same rows in a plain process (no THP, no glibc settings):\n", flush=True)
+        table, plain = run_plain_process(argv)
+        print(table)
     if args.json:
-        write_json(args.json, args, records)
+        write_json(args.json, args, records, plain)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ Both runs execute the training command's own code (`run_training` on configs/tin
 torchrun with the same corpus, tokenizer, seed and batches; evaluation, BLEU, checkpoints and plots are off,
 and routing is dropless so that every (token, expert) pair travels (the volume check is then exact).
 Reported per run: the median step time (steps after --warmup), tokens/s (real source + target tokens of the
-global batch per second). Target (issue 5): step time with EP=2 ≤ 1.3 × EP=1.
+global batch per second). Target (issue 5): step time with EP=2 ≤ 1.3 × EP=1. The workers run as
+`hf-moe-mt train` does: process memory settings and the CPU backend on; the report names the CPU, its core
+count and the backend's GEMM choice.
 
 All-to-all volume, counted where it happens (every `all_to_all_single` of token rows during training, bytes
 of the rows each rank passes in, including the rows that stay on the rank; the off-rank share is printed
@@ -20,8 +22,6 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # a checkout needs no install
-
-import hf_moe_mt  # noqa: E402,F401  before torch: its __init__ turns on THP for torch's CPU allocator
 
 import argparse  # noqa: E402
 import json  # noqa: E402
@@ -113,6 +113,9 @@ class Probe:
 
 
 def run_worker(args) -> None:
+    from hf_moe_mt.runtime import apply_memory_settings
+
+    apply_memory_settings()  # as `hf-moe-mt train` does, before any tensor exists
     import torch.distributed as dist
 
     from hf_moe_mt.training import trainer as trainer_module
@@ -227,6 +230,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return run_worker(args)
+    machine_and_backend(args.threads)  # a first run probes the GEMM libraries here, undisturbed by the workers
     steps = 8 if args.quick else args.steps
     warmup = min(args.warmup, steps - 1)
     with tempfile.TemporaryDirectory(prefix="bench_training_") as workdir:
@@ -237,13 +241,25 @@ def main() -> None:
     report["step_time_ratio_ep2_over_ep1"] = report["ep2"]["median_step_s"] / report["ep1"]["median_step_s"]
     report["target_ratio"] = TARGET_STEP_TIME_RATIO
     report["all_to_all"] = all_to_all_volume(runs[2], steps)
+    report.update(machine_and_backend(args.threads))
     print_report(report)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as handle:
             json.dump(report, handle, indent=1)
 
 
+def machine_and_backend(threads: int) -> dict:
+    """The CPU and the CPU backend's choice at the workers' thread count (the same cached probe they read)."""
+    import torch
+
+    from hf_moe_mt.backends import choose_gemm, describe_machine
+
+    torch.set_num_threads(threads)
+    return {"machine": describe_machine(), "cpu_backend": choose_gemm().describe()}
+
+
 def print_report(report: dict) -> None:
+    print(f"machine: {report['machine']} per process, 2 processes; CPU backend: {report['cpu_backend']}")
     print(f"{'run':<6}{'median step (ms)':>18}{'tokens/s':>12}{'tokens/step':>13}")
     for name in ("ep1", "ep2"):
         r = report[name]

@@ -1,5 +1,6 @@
 """The CPU memory setting (runtime.keep_freed_memory): freed tensors are reused without page faults."""
 
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,13 @@ def test_kept_memory_is_reused_without_page_faults():
 def test_opting_out_leaves_glibc_unmapping_freed_memory():
     applied, faults = _page_faults_of_a_repeated_allocation(opt_out=True)
     assert applied == "False" and faults > 30_000
+
+
+
+def test_huge_pages_are_requested_by_the_call_and_a_users_opt_out_wins(monkeypatch):
+    from hf_moe_mt.runtime import use_transparent_huge_pages
+
+    monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    assert use_transparent_huge_pages() and os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+    assert not use_transparent_huge_pages() and os.environ["THP_MEM_ALLOC_ENABLE"] == "0"

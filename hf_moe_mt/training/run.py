@@ -200,6 +200,15 @@ def build_model(config: TrainConfig, tokenizer, seed: int):
     return model
 
 
+def enable_cpu_backend(model, device) -> str | None:
+    """The CPU backend on a model that trains on the CPU (a description of the choice), else nothing."""
+    if device.type != "cpu":
+        return None
+    from ..backends import enable_fast_cpu
+
+    return enable_fast_cpu(model).describe()
+
+
 def build_datasets(config: TrainConfig, corpus, tokenizer, args):
     """(train examples, dev-loss examples or None, BLEU rows or None)."""
     from ..data import MultitaskConfig, build_multitask_dataset, build_translation_eval_dataset
@@ -227,9 +236,10 @@ def build_datasets(config: TrainConfig, corpus, tokenizer, args):
 
 # --------------------------------------------------------------------------- the run
 
-def run_training(config: TrainConfig, resume: str | bool | None = None, callbacks=()) -> dict:
-    """1. startup checks  2. training arguments (sets up torch.distributed)  3. corpus, tokenizer  4. model
-    5. datasets  6. trainer + callbacks  7. train  8. dev evaluation, final model, summary (main process)."""
+def run_training(config: TrainConfig, resume: str | bool | None = None, callbacks=(), fast_cpu: bool = True) -> dict:
+    """1. startup checks  2. training arguments (sets up torch.distributed)  3. corpus, tokenizer  4. model (on a
+    CPU with the measured CPU backend unless `fast_cpu=False`, see hf_moe_mt.backends)  5. datasets
+    6. trainer + callbacks  7. train  8. dev evaluation, final model, summary (main process)."""
     from ..data import MultitaskCollator
     from .evaluation import BleuCallback
     from .metrics import TrainingPlotsCallback
@@ -250,6 +260,7 @@ def run_training(config: TrainConfig, resume: str | bool | None = None, callback
     corpus = prepare_corpus(config, args)
     tokenizer = prepare_tokenizer(config, corpus, args)
     model = build_model(config, tokenizer, args.seed)
+    backend = enable_cpu_backend(model, args.device) if fast_cpu else None
     train, dev, bleu_rows = build_datasets(config, corpus, tokenizer, args)
     # 6.
     trainer = MoESeq2SeqTrainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
@@ -270,7 +281,7 @@ def run_training(config: TrainConfig, resume: str | bool | None = None, callback
         summary.update(trainer.evaluate())
     final_dir = os.path.join(args.output_dir, FINAL_MODEL_DIR)
     trainer.save_model(final_dir)
-    summary.update(model_dir=final_dir, expert_parallel_size=ep_size, world_size=args.world_size)
+    summary.update(model_dir=final_dir, expert_parallel_size=ep_size, world_size=args.world_size, cpu_backend=backend)
     if args.should_save:
         with open(os.path.join(args.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=1)

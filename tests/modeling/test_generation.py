@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_moe_mt import SparseMoE, cpu_gemm, moe_kernels
+from hf_moe_mt import SparseMoE
 
 from .conftest import make_model, random_batch
 
@@ -96,26 +96,3 @@ def test_beam_search_keeps_cross_attention_cache_and_matches_full_reordering(mon
     assert all(torch.equal(idx.view(4, 4) // 4, torch.arange(4).view(4, 1).expand(4, 4)) for idx in cross_reorders)
     assert torch.equal(ours.sequences, full.sequences)
     torch.testing.assert_close(ours.sequences_scores, full.sequences_scores)
-
-
-@pytest.mark.skipif(not cpu_gemm.onednn_enabled(), reason="torch built without oneDNN")
-def test_generate_on_onednn_gemms_equals_generate_on_torchs_own(monkeypatch):
-    """Every inference GEMM (attention, dense FFN, experts, LM head) forced onto oneDNN at these tiny sizes:
-    the same beams as with torch's GEMMs, scores within float rounding."""
-    model, batch = make_model(num_experts_per_tok=2), random_batch()
-    shapes, real = [], cpu_gemm.onednn_linear
-    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)
-    monkeypatch.setattr(cpu_gemm, "onednn_linear", lambda x, w, *a: shapes.append(tuple(w.shape)) or real(x, w, *a))
-    monkeypatch.setattr(moe_kernels, "onednn_linear", cpu_gemm.onednn_linear)
-    fast = _generate(model, batch["input_ids"], batch["attention_mask"], num_beams=3)
-    with cpu_gemm.use_onednn(False):
-        calls = len(shapes)
-        reference = _generate(model, batch["input_ids"], batch["attention_mask"], num_beams=3)
-        assert len(shapes) == calls
-    config = model.config
-    assert {(config.d_model, config.d_model), (config.decoder_ffn_dim, config.d_model),
-            (config.d_model, config.decoder_ffn_dim), (config.expert_ffn_dim, config.d_model),
-            (config.d_model, config.expert_ffn_dim), (config.vocab_size, config.d_model)} <= set(shapes)
-    assert torch.equal(fast.sequences, reference.sequences)
-    for step_fast, step_reference in zip(fast.scores, reference.scores):
-        torch.testing.assert_close(step_fast, step_reference, atol=1e-4, rtol=1e-4)

@@ -4,7 +4,7 @@ gradient checkpointing changes nothing (routing randomness included)."""
 import pytest
 import torch
 
-from hf_moe_mt import SparseMoE, cpu_gemm
+from hf_moe_mt import SparseMoE
 
 from .conftest import make_model, random_batch
 
@@ -85,31 +85,3 @@ def test_router_losses_keep_their_gradient_under_checkpointing(use_reentrant):
     assert all(grad.abs().sum() > 0 for grad in grads[1])
     for grad, expected in zip(grads[1], grads[0]):
         torch.testing.assert_close(grad, expected, atol=1e-7, rtol=1e-5)
-
-
-@pytest.mark.skipif(not cpu_gemm.onednn_enabled(), reason="torch built without oneDNN")
-def test_onednn_linears_give_the_same_loss_and_gradients_as_torchs_own(monkeypatch):
-    """Every Linear (attention, dense FFN, LM head) and the experts forced onto oneDNN at these tiny sizes,
-    forward and backward (the experts then run the per-expert loop instead of the padded bmm): loss and every
-    parameter's gradient equal torch's GEMMs to float rounding (routing is unchanged)."""
-    model, batch = make_model(num_experts_per_tok=2).train(), random_batch()
-    shapes, real = [], cpu_gemm.onednn_linear
-    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)
-    monkeypatch.setattr(cpu_gemm, "onednn_linear", lambda x, w, *a: shapes.append(tuple(w.shape)) or real(x, w, *a))
-
-    def loss_and_grads():
-        torch.manual_seed(0)  # same jitter/dropout draws in both runs
-        model.zero_grad(set_to_none=True)
-        loss = model(**batch).loss
-        loss.backward()
-        return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-    loss, grads = loss_and_grads()
-    config = model.config
-    assert (config.vocab_size, config.d_model) in shapes and (config.d_model, config.vocab_size) in shapes  # LM head dx
-    with cpu_gemm.use_onednn(False):
-        expected_loss, expected_grads = loss_and_grads()
-    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == expected_grads.keys()
-    for name, grad in grads.items():
-        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-5, msg=name)

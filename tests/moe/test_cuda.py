@@ -9,6 +9,7 @@ import torch
 from hf_moe_mt.moe import SparseMoE
 from hf_moe_mt.moe_kernels import grouped_ffn
 
+from ..dispatch_spy import GemmSpy
 from .reference import assert_close_rel, clone_layer, parameter_grads, randomize_
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -28,7 +29,7 @@ def _forward_backward(operands, grad_out, device, dtype):
     moved = [t.to(device, dtype if t.is_floating_point() else t.dtype, copy=True) for t in operands]
     moved = [t.requires_grad_(t.is_floating_point()) for t in moved]
     out = grouped_ffn(*moved, "gelu")
-    out.backward(grad_out.to(device, dtype))
+    out.backward(grad_out.to(device, out.dtype))
     return out, [moved[i].grad for i in (0, 2, 3, 4, 5)]
 
 
@@ -44,6 +45,24 @@ def test_grouped_mm_path_matches_cpu_in_output_and_every_gradient(dtype, rtol, p
     for name, grad, ref_grad in zip(["x", "w1", "b1", "w2", "b2"], grads, ref_grads):
         assert grad.dtype == dtype
         assert_close_rel(grad.cpu(), ref_grad, rtol=rtol, name=f"grad {name}")
+
+
+def test_grouped_mm_under_cuda_autocast_runs_bf16_and_sends_fp32_gradients(path_spy):
+    """fp32 operands (LayerNorm's output, fp32 weights) under autocast: torch._grouped_mm is not an autocast op,
+    so grouped_ffn casts; all six GEMMs must run in bf16 and the fp32 leaves still get fp32 gradients."""
+    counts = [16, 0, 37, 48, 3]
+    operands = _operands(counts)
+    grad_out = torch.randn(sum(counts), D)
+    ref_out, ref_grads = _forward_backward(operands, grad_out, "cpu", torch.float32)
+    spy = GemmSpy()
+    with torch.autocast("cuda", dtype=torch.bfloat16), spy:
+        out, grads = _forward_backward(operands, grad_out, "cuda", torch.float32)
+    assert path_spy.grouped_mm == 1 and out.dtype == torch.bfloat16
+    assert len(spy.calls) >= 6 and spy.dtypes() == {torch.bfloat16}, spy.calls
+    assert_close_rel(out.float().cpu(), ref_out, rtol=3e-2, name="output")
+    for name, grad, ref_grad in zip(["x", "w1", "b1", "w2", "b2"], grads, ref_grads):
+        assert grad.dtype == torch.float32, name
+        assert_close_rel(grad.cpu(), ref_grad, rtol=3e-2, name=f"grad {name}")
 
 
 def test_unaligned_sizes_fall_back_to_the_loop_on_cuda(path_spy):

@@ -4,9 +4,10 @@ x, W1, b1, W2, b2 (custom backwards included), for every activation and uneven /
 import pytest
 import torch
 
-from hf_moe_mt import cpu_gemm, moe_kernels
+from hf_moe_mt import moe_kernels
 from hf_moe_mt.moe_kernels import ACTIVATIONS, grouped_ffn
 
+from .conftest import _force_path
 from .reference import ACTIVATION_FUNCTIONS, assert_close_rel
 
 D, F_DIM = 8, 12  # multiples of 4 floats: torch._grouped_mm needs 16-byte aligned rows
@@ -82,37 +83,24 @@ def test_grouped_ffn_weight_grads_of_idle_experts_are_zero(kernel_path):
         assert torch.count_nonzero(p.grad[[1, 3]]) > 0
 
 
-@pytest.mark.parametrize("counts,path", [([4, 4, 4, 4], "padded"), ([5, 5, 5, 4], "padded"), ([5, 4, 4, 4], "padded"),
+@pytest.mark.parametrize("counts,path", [([4, 4, 4, 4], "bmm"), ([5, 5, 5, 4], "bmm"), ([5, 4, 4, 4], "bmm"),
                                          ([13, 1, 1, 1], "loop"), ([8, 0, 8, 0], "loop")])
-def test_grouped_ffn_runs_the_path_its_cost_rule_picks(counts, path, path_spy):
+def test_auto_runs_the_kernel_its_cost_rule_picks(counts, path, path_spy):
     operands = _operands(counts)
     grouped_ffn(*operands, "relu").sum().backward()
     path_spy.assert_only(path)
 
 
-@pytest.mark.skipif(not cpu_gemm.onednn_enabled(), reason="torch built without oneDNN")
-@pytest.mark.parametrize("counts", [[4, 4, 4, 4], [13, 1, 1, 1]])
-def test_grouped_ffn_runs_the_loop_whenever_its_gemms_go_to_onednn(counts, path_spy, monkeypatch):
-    """The loop on oneDNN beat MKL's padded bmm at every measured size, uniform groups included."""
-    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)
-    grouped_ffn(*_operands(counts), "relu").sum().backward()
-    path_spy.assert_only("loop_onednn")
+@pytest.mark.parametrize("implementation", ["bmm", "loop", "grouped_mm"])
+def test_an_explicit_kernel_runs_whatever_the_cost_rule_would_pick(implementation, path_spy):
+    grouped_ffn(*_operands([13, 1, 1, 1]), "relu", implementation).sum().backward()
+    grouped_ffn(*_operands([4, 4, 4, 4]), "relu", implementation).sum().backward()
+    path_spy.assert_only(implementation)
 
 
-@pytest.mark.skipif(not cpu_gemm.onednn_enabled(), reason="torch built without oneDNN")
-def test_expert_backward_sizes_its_gemms_by_rows_times_in_times_out(monkeypatch):
-    """W [O=16, I=64], 4 rows: each backward GEMM is 2·4·16·64 = 8192 FLOPs (not 2·4·16·16 = 2048)."""
-    calls, real = [], moe_kernels.onednn_linear
-    monkeypatch.setattr(moe_kernels, "onednn_linear", lambda *args: calls.append(1) or real(*args))
-    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 4096)
-    gen = torch.Generator().manual_seed(0)
-    weight, grad_out, inputs = torch.randn(1, 16, 64, generator=gen), torch.randn(4, 16), torch.randn(4, 64)
-    grad_in = torch.empty(4, 64)
-    grad_weight, grad_bias = moe_kernels._per_expert_weight_grads([(0, 4)], grad_out, inputs, weight, grad_in, False)
-    assert calls == [1]  # dx on oneDNN (dW goes through onednn_weight_grad)
-    torch.testing.assert_close(grad_in, grad_out @ weight[0])
-    torch.testing.assert_close(grad_weight[0], grad_out.t() @ inputs)
-    torch.testing.assert_close(grad_bias[0], grad_out.sum(0))
+def test_an_unknown_kernel_name_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match=r"'fast' is not one of \('auto', 'grouped_mm', 'loop', 'bmm'\)"):
+        grouped_ffn(*_operands([4, 4]), "relu", "fast")
 
 
 @pytest.mark.parametrize("counts,padded", [
@@ -123,28 +111,26 @@ def test_expert_backward_sizes_its_gemms_by_rows_times_in_times_out(monkeypatch)
 ])
 def test_padded_bmm_is_chosen_only_within_the_waste_budget_for_its_group_size(counts, padded):
     """Padding waste E·max/R is bought only while bmm's per-row advantage over the loop covers it."""
-    assert moe_kernels._prefers_padded_bmm(counts, sum(counts)) == padded
+    assert moe_kernels.prefers_padded_bmm(counts, sum(counts)) == padded
     assert moe_kernels.padded_bmm_waste_budget(32) == pytest.approx(1.26)
     assert moe_kernels.padded_bmm_waste_budget(512) == pytest.approx(1.06)
     assert moe_kernels.padded_bmm_waste_budget(4096) == 1.0
 
 
-@pytest.mark.parametrize("gemm", ["mkl", "onednn"])
+@pytest.mark.parametrize("path", ["loop", "threads_torch", "threads_onednn"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("grouping", list(GROUPINGS))
-def test_grouped_ffn_without_autograd_matches_per_row_reference(grouping, activation, gemm, monkeypatch):
-    """Translation runs without autograd: the fused per-expert inference path, not the training kernels; with
-    oneDNN GEMMs (activation fused) forced at these tiny sizes, or with torch's own."""
-    calls, onednn_calls = [], []
-    real, real_onednn = moe_kernels._inference_ffn, moe_kernels.onednn_linear
+def test_grouped_ffn_without_autograd_matches_per_row_reference(grouping, activation, path, monkeypatch):
+    """Translation runs without autograd: the loop's fused per-expert inference pass, not the training kernels;
+    on torch's GEMMs, or on the backend's worker threads with torch's or oneDNN's (activation fused) GEMMs."""
+    spy = _force_path(monkeypatch, path)
+    calls, real = [], moe_kernels._inference_ffn
     monkeypatch.setattr(moe_kernels, "_inference_ffn", lambda *args: calls.append(1) or real(*args))
-    monkeypatch.setattr(moe_kernels, "onednn_linear", lambda *args: onednn_calls.append(1) or real_onednn(*args))
-    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0 if gemm == "onednn" else float("inf"))
     operands = _operands(GROUPINGS[grouping])
     with torch.no_grad():
         out = grouped_ffn(*operands, activation)
         ref = _per_row_reference(*operands, activation)
     assert calls == [1]
     busy_experts = sum(count > 0 for count in GROUPINGS[grouping])
-    assert len(onednn_calls) == (2 * busy_experts if gemm == "onednn" and cpu_gemm.onednn_enabled() else 0)
+    assert spy.onednn == (2 * busy_experts if path == "threads_onednn" else 0)
     assert_close_rel(out, ref, name="output")

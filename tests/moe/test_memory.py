@@ -35,7 +35,7 @@ def test_no_intermediate_scales_with_tokens_times_experts_times_capacity(top_k, 
     """`auto` is the shipped path choice (padded bmm only when its padding waste is small); forcing the
     padded bmm on skewed groups is allowed to cost E·max_count rows, so it is not forced here."""
     if path == "loop":
-        monkeypatch.setattr(moe_kernels, "_prefers_padded_bmm", lambda counts, rows: False)
+        monkeypatch.setattr(moe_kernels, "prefers_padded_bmm", lambda counts, rows: False)
     kwargs = {"capacity": dict(capacity_factor=1.25, use_rts=False), "dropless": dict(drop_tokens=False),
               "rts_overflow": dict(capacity_factor=0.5, use_rts=True)}[regime]
     layer = SparseMoE(D, F_DIM, E, top_k=top_k, **kwargs)

@@ -1,11 +1,11 @@
 """Run per-expert work on single-threaded worker threads, each taking a share of the experts.
 
-Why: a CPU expert GEMM is small (tens of rows × d × ffn). MKL splits each one over every intra-op thread
-and loses most of the parallelism; running different experts at the same time, one thread each, is what
-batched GEMM does internally. Measured on 2 cores, fwd+bwd of 128 uneven experts (T=4096, d=512, ffn=2048):
-393 ms this way against 485 ms for the plain loop (dense FFN of equal FLOPs: 260 ms).
-
-Pure Python + torch (travels with the Hub's remote code).
+Why: a CPU expert GEMM is small (tens of rows × d × ffn). A GEMM library splits each one over every intra-op
+thread and loses most of the parallelism; running different experts at the same time, one thread each, is
+what a batched GEMM does internally. Part of the CPU backend (never imported by the model's own files).
+Thread-local state the workers must share with the caller: grad and inference mode (carried over); autocast
+(`grouped_ffn` casts the operands before any worker runs); dispatch modes such as FlopCounterMode or
+FakeTensorMode cannot be shared, so under one the experts run on the calling thread, where the mode sees them.
 """
 
 from __future__ import annotations
@@ -63,11 +63,16 @@ def split_experts(bounds: list[tuple[int, int]], parts: int) -> list[list[int]]:
     return [share for share in shares if share]
 
 
+def _must_stay_on_this_thread() -> bool:
+    """A dispatch mode is active on this thread (it would not see the workers' ops), or torch.compile traces."""
+    return torch._C._len_torch_dispatch_stack() > 0 or torch.compiler.is_compiling()
+
+
 def for_each_expert(work: Callable[[int, int, int], None], bounds: list[tuple[int, int]], parallel: bool = True) -> None:
     """Call `work(expert, lo, hi)` once per expert; concurrently on single-threaded workers when
     `parallel` and torch has several intra-op threads. `work` must only write its own expert's slices."""
     threads = torch.get_num_threads()
-    if not parallel or threads == 1 or len(bounds) < 2:
+    if not parallel or threads == 1 or len(bounds) < 2 or _must_stay_on_this_thread():
         for expert, (lo, hi) in enumerate(bounds):
             work(expert, lo, hi)
         return

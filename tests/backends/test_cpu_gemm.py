@@ -1,15 +1,17 @@
-"""cpu_gemm: GEMMs on oneDNN equal torch's F.linear in output and in all three gradients, and fall back to
-exactly F.linear wherever oneDNN must not or should not run."""
+"""backends/cpu_gemm: GEMMs on oneDNN equal torch's F.linear in output and in all three gradients, fall back to
+exactly F.linear wherever oneDNN must not or should not run, and reach an nn.Linear without changing its type."""
 
 import pytest
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hf_moe_mt import cpu_gemm
+import copy
+
+from hf_moe_mt.backends import cpu_gemm
 from hf_moe_mt.moe_kernels import ACTIVATIONS, activation_forward
 
-pytestmark = pytest.mark.skipif(not cpu_gemm.onednn_enabled(), reason="torch built without oneDNN")
+pytestmark = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
 
 
 @pytest.fixture
@@ -70,19 +72,16 @@ def test_bf16_runs_and_stays_bf16():
     torch.testing.assert_close(out.float(), F.linear(x, w, b).float(), rtol=2e-2, atol=2e-2)
 
 
-@pytest.mark.parametrize("case", ["small", "float64", "switched_off", "autocast"])
+@pytest.mark.parametrize("case", ["small", "float64", "autocast"])
 def test_falls_back_to_f_linear_exactly(case, onednn_calls):
     x, w, b = _operands(rows=2 if case == "small" else 64, dtype=torch.float64 if case == "float64" else torch.float32)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast")
-    with cpu_gemm.use_onednn(case != "switched_off"), autocast:
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "autocast"):
         assert not cpu_gemm.takes_onednn(x, w, b)
         out = cpu_gemm.linear(x, w, b)
         expected = F.linear(x, w, b)
     assert onednn_calls == []
     assert out.dtype == (torch.bfloat16 if case == "autocast" else x.dtype)  # autocast keeps its say
     assert torch.equal(out, expected)
-    if case == "switched_off":
-        assert cpu_gemm.takes_onednn(x, w, b)  # the switch is restored on leaving the block
 
 
 def test_mixed_dtypes_or_other_devices_are_not_taken():
@@ -139,15 +138,58 @@ def test_frozen_weight_keeps_no_activation_for_the_backward():
     assert saved_x is None and saved_w is w
 
 
-def test_linear_module_is_an_nn_linear_that_trains_like_one(onednn_calls):
+def test_a_routed_nn_linear_keeps_its_type_and_state_and_trains_like_one(onednn_calls):
     torch.manual_seed(0)
-    ours = cpu_gemm.Linear(512, 256)
-    reference = nn.Linear(512, 256)
-    reference.load_state_dict(ours.state_dict())
-    assert isinstance(ours, nn.Linear) and list(ours.state_dict()) == ["weight", "bias"]
+    ours = nn.Linear(512, 256)
+    reference = copy.deepcopy(ours)
+    cpu_gemm.route_linear(ours, True)
+    assert type(ours) is nn.Linear and list(ours.state_dict()) == ["weight", "bias"]
+    assert cpu_gemm.routes_to_onednn(ours) and not cpu_gemm.routes_to_onednn(reference)
     x = torch.randn(64, 512)
     ours(x).square().sum().backward()
     reference(x).square().sum().backward()
     assert len(onednn_calls) == 2  # forward and dW (x needs no gradient)
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad, rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(ours.bias.grad, reference.bias.grad, rtol=1e-5, atol=1e-4)
+
+
+def test_a_deep_copy_of_a_routed_linear_computes_with_its_own_weights():
+    """The forward is bound to its module: a copy (e.g. Trainer/PEFT deep copies) must not use the original's."""
+    ours = nn.Linear(512, 256)
+    cpu_gemm.route_linear(ours, True)
+    twin = copy.deepcopy(ours)
+    with torch.no_grad():
+        twin.weight.mul_(2)
+        x = torch.randn(64, 512)
+        torch.testing.assert_close(twin(x), F.linear(x, twin.weight, twin.bias), rtol=1e-5, atol=1e-4)
+    assert cpu_gemm.routes_to_onednn(twin)
+
+
+def test_routing_back_restores_the_plain_forward(onednn_calls):
+    module = nn.Linear(512, 256)
+    cpu_gemm.route_linear(module, True)
+    cpu_gemm.route_linear(module, False)
+    assert "forward" not in module.__dict__ and not cpu_gemm.routes_to_onednn(module)
+    with torch.no_grad():
+        module(torch.randn(64, 512))
+    assert onednn_calls == []
+
+
+def test_under_an_accelerate_hook_the_hooked_forward_is_routed(onednn_calls):
+    """accelerate's device hooks replace `forward` and call `_old_forward`: routing must keep the hook."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    calls = []
+
+    class Counting(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(1)
+            return args, kwargs
+
+    module = add_hook_to_module(nn.Linear(512, 256), Counting())
+    cpu_gemm.route_linear(module, True)
+    with torch.no_grad():
+        module(torch.randn(64, 512))
+    assert calls == [1] and len(onednn_calls) == 1
+    cpu_gemm.route_linear(module, False)
+    assert not cpu_gemm.routes_to_onednn(module)

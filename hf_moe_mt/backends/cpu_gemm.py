@@ -1,32 +1,25 @@
-"""CPU GEMMs of the model's Linear layers and its experts through oneDNN instead of MKL.
+"""GEMMs on oneDNN instead of torch's default CPU library (MKL on x86), for `nn.Linear` layers and experts.
 
-Why: torch runs an fp32 `F.linear` / `addmm` on the CPU with MKL's sgemm, which on AMD CPUs takes a slow code
-path; oneDNN (bundled with every x86 and aarch64 torch build) JIT-compiles AVX-512 kernels for any vendor.
-Measured on this project's 2-core AMD EPYC, fp32, one call each: the LM head of beam-4 decoding
-(64 × 512 → 32000) 13.9 ms with MKL vs 6.6 ms with oneDNN; one expert at decode size (64 rows, 512 → 2048 →
-512) 1.82 vs 0.80 ms; 1 row 0.110 vs 0.091 ms. Results agree to float rounding (≤ 2e-4 absolute on
-unit-scale 512-term dot products). bf16 goes to oneDNN inside torch too where the CPU has AVX-512; this
-module takes bf16 only there.
+Why: which library is faster depends on the CPU (on AMD EPYCs MKL's fp32 sgemm takes a slow code path and
+oneDNN's JIT kernels were ~2× faster; on an Intel Xeon MKL was faster), so `probe.py` measures both on the
+machine at hand and the backend (`__init__.py`) routes a model's GEMMs here only where oneDNN won.
 
 oneDNN's `_linear_pointwise` has no autograd formula: in training `linear` runs it inside `_OneDNNLinear`,
-whose backward computes dx and dW on oneDNN as well (once: a double backward raises). Everywhere else — CUDA, CPU autocast, torch.compile
-(inductor picks its own kernels), dtypes oneDNN does not take, tiny products — `linear` is exactly `F.linear`.
-`HF_MOE_MT_ONEDNN=0` in the environment, or `use_onednn(False)`, turns it off (e.g. to compare on an Intel
-CPU, where MKL is fast).
-
-Pure torch (travels with the Hub's remote code).
+whose backward computes dx and dW on oneDNN as well (once: a double backward raises). Everywhere else — CUDA,
+CPU autocast, torch.compile (inductor picks its own kernels), dtypes oneDNN does not take, tiny products —
+`linear` is exactly `F.linear`. A private torch op: this module is never imported by the model's own files.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+import types
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
+
+from ..moe_kernels import needs_autograd
 
 # oneDNN post-op (name, algorithm) that computes each activation fused into the GEMM; same names as moe_kernels.
 FUSED_ACTIVATIONS = {"relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"),
@@ -36,36 +29,20 @@ _available = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, 
 _bf16_supported = _available and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported") and \
     torch.ops.mkldnn._is_mkldnn_bf16_supported()
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if _bf16_supported else (torch.float32,)
-# oneDNN costs ~10-20 us more per call than MKL; below this many FLOPs (2·rows·in·out) MKL is as fast or faster.
-# Measured crossover, 1 and 2 threads: 2.1e6 (1×512→2048: 0.93x, 16×256→256: 0.99x), 4.2e6 (8×512→512:
-# 1.07-1.20x), 8.4e6 (4×512→2048: 1.39x, 64×256→256: 1.30x).
+# oneDNN costs more per call than MKL (tens of µs); below this many FLOPs (2·rows·in·out) it stops paying off.
 MIN_FLOPS = 4e6
 
-_enabled = os.environ.get("HF_MOE_MT_ONEDNN", "1") != "0"
 
-
-def onednn_enabled() -> bool:
-    return _available and _enabled
-
-
-@contextmanager
-def use_onednn(enabled: bool) -> Iterator[None]:
-    """Turn the oneDNN GEMMs on or off inside the block (process-wide; for benchmarks and tests)."""
-    global _enabled
-    previous, _enabled = _enabled, enabled
-    try:
-        yield
-    finally:
-        _enabled = previous
+def onednn_available() -> bool:
+    return _available
 
 
 def takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """Whether oneDNN should compute x·weightᵀ + bias: CPU, fp32/bf16 throughout, no CPU autocast (which
-    would want the product in its own dtype; autocast is per thread, so the expert workers do not see the
-    caller's — their GEMMs run in the tensors' own dtype, as they always did), not inside torch.compile
-    (checked first: a shape test there would add a guard and recompile), and large enough to repay oneDNN's
-    per-call overhead. Gradients are fine: `linear` then runs it inside `_OneDNNLinear`."""
-    if torch.compiler.is_compiling() or not (_enabled and _available) or x.device.type != "cpu":
+    """Whether oneDNN should compute x·weightᵀ + bias: CPU, fp32/bf16 throughout, no CPU autocast on this thread
+    (F.linear then casts as autocast wants; the experts get operands already cast by `grouped_ffn`), not inside
+    torch.compile (checked first: a shape test there would add a guard and recompile), and large enough to
+    repay oneDNN's per-call overhead. Gradients are fine: `linear` then runs it inside `_OneDNNLinear`."""
+    if torch.compiler.is_compiling() or not _available or x.device.type != "cpu":
         return False
     if x.dtype not in _ONEDNN_DTYPES or weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
         return False
@@ -74,9 +51,9 @@ def takes_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def bucketed_rows(rows: int) -> int:
     """Rows rounded up so that varying row counts map onto few shapes: oneDNN JIT-compiles a kernel for every
-    new shape (measured: 1200×128→256 on one thread, fixed rows 312 µs/call; a new row count each call
-    600 µs, MKL 720 µs; padded to buckets 376–386 µs). Up to 64 rows exact (decode sizes, which recur anyway),
-    above that ≤ 12.5 % padding: m in [2^j, 2^(j+1)) rounds up to a multiple of 2^(j-3)."""
+    new shape, which costs about as much as the GEMM itself at training sizes (dynamic padding would otherwise
+    be slower than MKL). Up to 64 rows exact (decode sizes, which recur anyway), above that ≤ 12.5 % padding:
+    m in [2^j, 2^(j+1)) rounds up to a multiple of 2^(j-3)."""
     if rows <= 64:
         return rows
     step = 1 << (rows.bit_length() - 4)
@@ -115,9 +92,7 @@ def onednn_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Te
 
 
 class _OneDNNLinear(torch.autograd.Function):
-    """F.linear with all three GEMMs on oneDNN: y = x Wᵀ + b; dx = dy W; dW = dyᵀ x; db = Σ dy.
-    Measured (1024 rows, 2 threads, MKL → oneDNN): 512→2048 forward 10.9 → 4.5 ms, dx 10.8 → 4.8 ms,
-    dW 10.5 → 6.7 ms; LM head 512→32000 forward 200 → 106 ms, dx 162 → 81 ms, dW 172 → 158 ms."""
+    """F.linear with all three GEMMs on oneDNN: y = x Wᵀ + b; dx = dy W; dW = dyᵀ x; db = Σ dy."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -143,11 +118,6 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-def needs_autograd(*tensors: torch.Tensor | None) -> bool:
-    """Whether an op on these tensors (None skipped) must record a graph."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear`, on oneDNN where it applies (with a oneDNN backward when a gradient is wanted)."""
     if not takes_onednn(x, weight, bias):
@@ -157,8 +127,23 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return onednn_linear(x, weight, bias)
 
 
-class Linear(nn.Linear):
-    """`nn.Linear` (same parameters, init and state-dict keys) whose forward and backward run on oneDNN."""
+def _onednn_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
+
+def route_linear(module: nn.Linear, on_onednn: bool) -> None:
+    """Run this `nn.Linear` through `linear` (or back through its own forward), keeping its type, parameters
+    and state-dict keys: the forward is replaced on the instance, as accelerate's hooks do (and under an
+    accelerate hook, the forward that hook calls). Bound to the module, so `copy.deepcopy` follows it."""
+    attribute = "_old_forward" if hasattr(module, "_hf_hook") else "forward"
+    if on_onednn:
+        setattr(module, attribute, types.MethodType(_onednn_linear_forward, module))
+    elif attribute == "forward":
+        module.__dict__.pop("forward", None)
+    else:
+        module._old_forward = types.MethodType(nn.Linear.forward, module)
+
+
+def routes_to_onednn(module: nn.Module) -> bool:
+    forward = module.__dict__.get("_old_forward" if hasattr(module, "_hf_hook") else "forward")
+    return getattr(forward, "__func__", None) is _onednn_linear_forward

@@ -1,0 +1,85 @@
+"""The CPU backend's experts kernel: the model's own "loop" kernel (moe_kernels) with its per-expert GEMMs on
+single-threaded worker threads (expert_threads.py), on the GEMM library the probe chose (oneDNN or torch's).
+
+`CpuExpertsKernel(gemm)` has the experts-kernel contract of `moe_kernels.grouped_ffn`, so a backend sets it as
+`GroupedExperts.implementation`; what it computes, keeps for the backward and returns is the loop kernel's.
+Its rule, fixed given the chosen library:
+1. not on the CPU: the model's "auto" kernel (nothing here is for GPUs);
+2. no autograd (translation): the loop's inference pass, both GEMMs of an expert on one worker;
+3. training: where the probe measured one padded batched GEMM faster than the loop on uniform groups
+   (`bmm_for_uniform_groups`), near-uniform groups (`moe_kernels.prefers_padded_bmm`) run as the padded bmm;
+   everything else runs the loop on the worker threads.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import moe_kernels
+from ..moe_kernels import ExpertGemms, needs_autograd
+from .cpu_gemm import onednn_linear, onednn_weight_grad, takes_onednn
+from .expert_threads import for_each_expert
+
+GEMM_LIBRARIES = ("onednn", "torch")
+
+
+class ThreadedGemms(ExpertGemms):
+    """torch's own GEMMs, experts spread over single-threaded workers."""
+
+    name = "torch"
+
+    def for_each_expert(self, work, bounds) -> None:
+        for_each_expert(work, bounds)
+
+
+class OneDNNGemms(ThreadedGemms):
+    """oneDNN GEMMs (activation fused into the first one) where `takes_onednn` holds, torch's elsewhere."""
+
+    name = "onednn"
+
+    def linear_into(self, x, weight, bias, out) -> None:
+        if takes_onednn(x, weight, bias):
+            out.copy_(onednn_linear(x, weight, bias))
+        else:
+            super().linear_into(x, weight, bias, out)
+
+    def ffn_into(self, x, w1, b1, w2, b2, activation, out) -> None:
+        if takes_onednn(x, w1, b1):
+            out.copy_(onednn_linear(onednn_linear(x, w1, b1, activation), w2, b2))
+        else:
+            super().ffn_into(x, w1, b1, w2, b2, activation, out)
+
+    def grads_into(self, grad_out, inputs, weight, grad_in, grad_weight) -> None:
+        if takes_onednn(grad_out, weight.t()):  # rows·O·I, the FLOPs of both backward products
+            grad_in.copy_(onednn_linear(grad_out, weight.t()))
+            grad_weight.copy_(onednn_weight_grad(grad_out, inputs))
+        else:
+            super().grads_into(grad_out, inputs, weight, grad_in, grad_weight)
+
+
+class CpuExpertsKernel:
+    """An experts kernel (see the module docstring) for one GEMM library, "onednn" or "torch"."""
+
+    def __init__(self, gemm: str, bmm_for_uniform_groups: bool = False):
+        if gemm not in GEMM_LIBRARIES:
+            raise ValueError(f"gemm={gemm!r} is not one of {GEMM_LIBRARIES}")
+        self.gemm, self.bmm_for_uniform_groups = gemm, bmm_for_uniform_groups
+        self.gemms = OneDNNGemms() if gemm == "onednn" else ThreadedGemms()
+        self.__name__ = f"cpu_threads_{gemm}" + ("_bmm" if bmm_for_uniform_groups else "")
+
+    def __repr__(self) -> str:
+        return self.__name__
+
+    def __call__(self, x, tokens_per_expert, w1, b1, w2, b2, activation: str) -> torch.Tensor:
+        if x.device.type != "cpu":  # 1.
+            return moe_kernels.auto_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation)
+        if not needs_autograd(x, w1, b1, w2, b2):  # 2.
+            return moe_kernels.loop_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, self.gemms)
+        if self.bmm_for_uniform_groups and moe_kernels.prefers_padded_bmm(tokens_per_expert.tolist(), x.shape[0]):
+            return moe_kernels.bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation)  # 3.
+        return moe_kernels.loop_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, self.gemms)
+
+
+KERNELS = {(gemm, bmm): CpuExpertsKernel(gemm, bmm) for gemm in GEMM_LIBRARIES for bmm in (False, True)}
+
+__all__ = ["CpuExpertsKernel", "KERNELS", "OneDNNGemms", "ThreadedGemms"]

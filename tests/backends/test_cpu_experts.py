@@ -1,0 +1,94 @@
+"""backends/cpu_experts: the CPU backend's experts kernel follows its fixed rule (loop on the worker threads, a
+padded bmm for near-uniform groups only where the probe measured it faster, the inference pass without
+autograd) and sizes oneDNN's backward GEMMs by the right FLOPs. Its numerics are covered by every tests/moe
+test through the `kernel_path` fixture (threads_torch, threads_onednn)."""
+
+import pytest
+import torch
+
+from hf_moe_mt.backends import cpu_experts, cpu_gemm
+from hf_moe_mt.moe_kernels import grouped_ffn
+
+from ..moe.reference import assert_close_rel
+
+D, F_DIM = 8, 12
+
+
+def _operands(counts, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    experts, rows = len(counts), sum(counts)
+    tensors = [torch.randn(rows, D, generator=gen), torch.randn(experts, F_DIM, D, generator=gen),
+               torch.randn(experts, F_DIM, generator=gen), torch.randn(experts, D, F_DIM, generator=gen),
+               torch.randn(experts, D, generator=gen)]
+    x, w1, b1, w2, b2 = (t.requires_grad_(True) for t in tensors)
+    return x, torch.tensor(counts), w1, b1, w2, b2
+
+
+@pytest.mark.parametrize("gemm", ["torch", "onednn"])
+@pytest.mark.parametrize("bmm,counts,expected", [
+    (True, [4, 4, 4, 4], "bmm"), (True, [13, 1, 1, 1], "threads_loop"),
+    (False, [4, 4, 4, 4], "threads_loop"), (False, [13, 1, 1, 1], "threads_loop"),
+])
+def test_training_runs_the_kernel_of_the_rule(gemm, bmm, counts, expected, path_spy):
+    kernel = cpu_experts.KERNELS[gemm, bmm]
+    assert kernel.__name__ == f"cpu_threads_{gemm}" + ("_bmm" if bmm else "")
+    grouped_ffn(*_operands(counts), "relu", kernel).sum().backward()
+    path_spy.assert_only("bmm" if expected == "bmm" else f"threads_{gemm}" if gemm == "onednn" else "threads_torch")
+
+
+def test_without_autograd_every_kernel_runs_the_loops_inference_pass(path_spy, monkeypatch):
+    from hf_moe_mt import moe_kernels
+
+    calls, real = [], moe_kernels._inference_ffn
+    monkeypatch.setattr(moe_kernels, "_inference_ffn", lambda *args: calls.append(1) or real(*args))
+    with torch.no_grad():
+        grouped_ffn(*_operands([4, 4, 4, 4]), "relu", cpu_experts.KERNELS["torch", True])
+    assert calls == [1] and path_spy.padded == 0 and path_spy.threads == 1
+
+
+@pytest.fixture
+def path_spy(monkeypatch):
+    from ..moe.conftest import PathSpy
+
+    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 0)
+    return PathSpy(monkeypatch)
+
+
+@pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
+def test_expert_backward_sizes_its_gemms_by_rows_times_in_times_out(monkeypatch):
+    """W [O=16, I=64], 4 rows: each backward GEMM is 2·4·16·64 = 8192 FLOPs (not 2·4·16·16 = 2048)."""
+    calls, real = [], cpu_experts.onednn_linear
+    monkeypatch.setattr(cpu_experts, "onednn_linear", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(cpu_gemm, "MIN_FLOPS", 4096)
+    gen = torch.Generator().manual_seed(0)
+    weight, grad_out, inputs = torch.randn(16, 64, generator=gen), torch.randn(4, 16), torch.randn(4, 64)
+    grad_in, grad_weight = torch.empty(4, 64), torch.empty(16, 64)
+    cpu_experts.OneDNNGemms().grads_into(grad_out, inputs, weight, grad_in, grad_weight)
+    assert calls == [1]  # dx on oneDNN (dW goes through onednn_weight_grad)
+    torch.testing.assert_close(grad_in, grad_out @ weight)
+    torch.testing.assert_close(grad_weight, grad_out.t() @ inputs)
+
+
+def test_off_the_cpu_the_kernel_is_the_models_auto(monkeypatch):
+    """Nothing in the backend is for GPUs: a non-CPU input goes to the model's own "auto" kernel."""
+    from hf_moe_mt import moe_kernels
+
+    seen = []
+    monkeypatch.setattr(moe_kernels, "auto_kernel", lambda x, *args: seen.append(x.device.type) or x)
+    x = torch.randn(4, D, device="meta")
+    out = cpu_experts.KERNELS["onednn", False](x, torch.tensor([4]), *_operands([4])[2:], "relu")
+    assert seen == ["meta"] and out is x
+
+
+def test_results_equal_the_standard_loop_on_uneven_groups():
+    operands = _operands([5, 0, 9, 3])
+    grad = torch.randn(17, D)
+    results = []
+    for kernel in ("loop", cpu_experts.KERNELS["torch", True], cpu_experts.KERNELS["onednn", False]):
+        copies = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in operands]
+        out = grouped_ffn(*copies, "gelu", kernel)
+        out.backward(grad)
+        results.append([out] + [copies[i].grad for i in (0, 2, 3, 4, 5)])
+    for other in results[1:]:
+        for got, expected in zip(other, results[0]):
+            assert_close_rel(got, expected, rtol=1e-5)
