@@ -20,6 +20,12 @@ class MoEMTTranslationPipeline(Pipeline):
     `truncation`, and any `generate` kwarg (`num_beams`, `max_new_tokens`, `num_return_sequences`, …).
     An empty or whitespace-only text translates to "" without running the model: generating from a bare
     language token would invent a sentence.
+
+    Length: unless the call sets `max_new_tokens`/`max_length`, a batch may generate at most
+    `max_length_a · source tokens + max_length_b` new tokens (fairseq's `--max-len-a/-b`) when the model's
+    generation_config.json holds `max_length_a`/`max_length_b`, and never more than its `max_new_tokens`: a
+    translation is about as long as its source, so a decoding loop stops near that length instead of running
+    to the global cap.
     """
 
     _load_processor = False
@@ -71,6 +77,7 @@ class MoEMTTranslationPipeline(Pipeline):
             return {"output_ids": output_ids, "is_empty": is_empty}
         # 2.
         kept_inputs = {key: value[keep] if keep.numel() < batch_size else value for key, value in model_inputs.items()}
+        self._cap_length(kept_inputs["attention_mask"], generate_kwargs)
         generated = self.model.generate(**kept_inputs, **generate_kwargs)  # [B'·R, L]
         generated = generated.reshape(keep.numel(), -1, generated.shape[-1])  # [B', R, L]
         if keep.numel() == batch_size:
@@ -79,6 +86,17 @@ class MoEMTTranslationPipeline(Pipeline):
         output_ids = generated.new_full((batch_size, *generated.shape[1:]), pad)
         output_ids[keep.to(generated.device)] = generated
         return {"output_ids": output_ids, "is_empty": is_empty}
+
+    def _cap_length(self, attention_mask: torch.Tensor, generate_kwargs: dict) -> None:
+        """Sets `max_new_tokens` from the longest source of the batch (see the class docstring)."""
+        if "max_new_tokens" in generate_kwargs or "max_length" in generate_kwargs:
+            return
+        config = generate_kwargs.get("generation_config") or self.model.generation_config
+        scale, offset = getattr(config, "max_length_a", None), getattr(config, "max_length_b", None)
+        if scale is None or offset is None:  # not ours: a model without the fields keeps its own settings
+            return
+        relative = int(scale * int(attention_mask.sum(-1).max()) + offset)
+        generate_kwargs["max_new_tokens"] = min(relative, config.max_new_tokens or relative)
 
     def _num_return_sequences(self, generate_kwargs) -> int:
         config = generate_kwargs.get("generation_config") or self.model.generation_config

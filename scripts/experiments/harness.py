@@ -160,6 +160,21 @@ class Experiment:
         cache.write_text(json.dumps(scores, indent=1) + "\n")
         return scores
 
+    # ------------------------------------------------------------------ every arm
+
+    def run_all(self, arms: list[Arm], extra=None, **facts) -> dict:
+        """Every arm for every seed, results.json rewritten after each (a stopped script keeps what it finished).
+        `extra(arm, seed, data)` wraps one arm's run (e.g. with instrumentation) and may add keys to it."""
+        data = self.data_overrides()
+        runs: list[dict] = []
+        results = {"experiment": self.name, "machine": machine(), "config": self.args.config,
+                   "steps": self.args.steps, "overrides": self.common, **facts, "runs": runs}
+        for seed in self.seeds:
+            for arm in arms:
+                runs.append(extra(arm, seed, data) if extra else self.run_arm(arm, seed, data))
+                self.write(results)
+        return results
+
     # ------------------------------------------------------------------ results
 
     def write(self, results: dict) -> Path:

@@ -11,7 +11,7 @@ which each MoE arm reaches the dense arm's final dev loss. Writes results/moe_vs
   python scripts/experiments/moe_vs_dense.py --steps 20000 training.bf16=true data.max_tokens=16384   # a GPU
 """
 
-from harness import Arm, Experiment, experiment_parser, machine, plot_curves, steps_to_reach
+from harness import Arm, Experiment, experiment_parser, plot_curves, steps_to_reach
 
 ARMS = [
     Arm("dense", ["model.config.encoder_sparse_step=0", "model.config.decoder_sparse_step=0"], "dense"),
@@ -27,14 +27,8 @@ ROUTING = ["model.config.num_experts_per_tok=1", "model.config.capacity_factor=1
 def main(argv=None) -> int:
     args = experiment_parser(__doc__, default_steps=400).parse_args(argv)
     experiment = Experiment("moe_vs_dense", args, ROUTING)
-    data = experiment.data_overrides()
-    runs = []
-    results = {"experiment": "moe_vs_dense", "machine": machine(), "config": args.config,
-               "steps": args.steps, "overrides": experiment.common, "runs": runs}
-    for seed in experiment.seeds:
-        for arm in ARMS:
-            runs.append(experiment.run_arm(arm, seed, data))
-            experiment.write(results)
+    results = experiment.run_all(ARMS)
+    runs = results["runs"]
     results["steps_to_dense_final_loss"] = {
         f"{run['arm']}-seed{run['seed']}": steps_to_reach(run["curve"], dense_final(runs, run["seed"]))
         for run in runs if run["arm"] != "dense"}

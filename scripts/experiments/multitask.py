@@ -10,7 +10,7 @@ arms), test BLEU/chrF per direction. Writes results/multitask/{results.json,curv
   python scripts/experiments/multitask.py --denoising-ratio 0.5 --seeds 0,1
 """
 
-from harness import Arm, Experiment, experiment_parser, machine, plot_curves
+from harness import Arm, Experiment, experiment_parser, plot_curves
 
 
 def main(argv=None) -> int:
@@ -21,14 +21,7 @@ def main(argv=None) -> int:
             Arm("multitask", [f"data.denoising_ratio={args.denoising_ratio}"],
                 f"translation + denoising ({args.denoising_ratio:.0%})")]
     experiment = Experiment("multitask", args, ["data.both_directions=true"])
-    data = experiment.data_overrides()
-    runs = []
-    results = {"experiment": "multitask", "machine": machine(), "config": args.config, "steps": args.steps,
-               "overrides": experiment.common, "runs": runs}
-    for seed in experiment.seeds:
-        for arm in arms:
-            runs.append(experiment.run_arm(arm, seed, data))
-            experiment.write(results)
+    runs = experiment.run_all(arms, denoising_ratio=args.denoising_ratio)["runs"]
     plot_curves(runs, experiment.results_dir / "curves.png", "translation only vs translation + denoising")
     return 0
 

@@ -16,7 +16,7 @@ import json
 import torch
 
 import hf_moe_mt.moe as moe_module
-from harness import Arm, Experiment, experiment_parser, machine, plot_curves
+from harness import Arm, Experiment, experiment_parser, plot_curves
 
 BINS = 10
 ARMS = [Arm("rts", ["model.config.router_use_rts=true"], "Random Token Selection"),
@@ -87,20 +87,17 @@ def plot_drops(profiles: dict[str, list[float]], path) -> None:
 def main(argv=None) -> int:
     args = experiment_parser(__doc__, default_steps=400).parse_args(argv)
     experiment = Experiment("rts_vs_position", args, ROUTING)
-    data = experiment.data_overrides()
-    runs = []
-    results = {"experiment": "rts_vs_position", "machine": machine(), "config": args.config,
-               "steps": args.steps, "overrides": experiment.common, "runs": runs}
-    for seed in experiment.seeds:
-        for arm in ARMS:
-            profile_file = experiment.work_dir / f"{arm.name}-seed{seed}" / "drops_by_position.json"
-            with DropsByPosition() as drops:
-                run = experiment.run_arm(arm, seed, data)
-            if drops.total.sum() > 0:  # this call trained
-                drops.save(profile_file)
-            run["drops_by_position"] = fractions(profile_file)
-            runs.append(run)
-            experiment.write(results)
+
+    def with_drop_profile(arm, seed, data):
+        profile_file = experiment.work_dir / f"{arm.name}-seed{seed}" / "drops_by_position.json"
+        with DropsByPosition() as drops:
+            run = experiment.run_arm(arm, seed, data)
+        if drops.total.sum() > 0:  # this call trained
+            drops.save(profile_file)
+        run["drops_by_position"] = fractions(profile_file)
+        return run
+
+    runs = experiment.run_all(ARMS, with_drop_profile)["runs"]
     plot_curves(runs, experiment.results_dir / "curves.png", "RTS vs drop-by-position, capacity 1.0")
     plot_drops({f"{run['label']} (seed {run['seed']})": run["drops_by_position"] for run in runs
                 if run["drops_by_position"]}, experiment.results_dir / "drops_by_position.png")

@@ -8,7 +8,7 @@ second beside the quality (dev loss, test BLEU/chrF). Writes results/topk_capaci
   python scripts/experiments/topk_capacity.py --seeds 0,1 --steps 4000
 """
 
-from harness import Arm, Experiment, experiment_parser, machine, plot_curves
+from harness import Arm, Experiment, experiment_parser, plot_curves
 
 CAPACITIES = {"cf1.0": ["model.config.capacity_factor=1.0"], "cf1.25": ["model.config.capacity_factor=1.25"],
               "dropless": ["model.config.router_drop_tokens=false"]}
@@ -19,16 +19,13 @@ ARMS = [Arm(f"top{k}-{name}", [f"model.config.num_experts_per_tok={k}", *overrid
 def main(argv=None) -> int:
     args = experiment_parser(__doc__, default_steps=300).parse_args(argv)
     experiment = Experiment("topk_capacity", args)
-    data = experiment.data_overrides()
-    runs = []
-    results = {"experiment": "topk_capacity", "machine": machine(), "config": args.config,
-               "steps": args.steps, "overrides": experiment.common, "runs": runs}
-    for seed in experiment.seeds:
-        for arm in ARMS:
-            run = experiment.run_arm(arm, seed, data)
-            run["training_seconds"] = run["curve"][-1]["cpu"] if run["curve"] else None
-            runs.append(run)
-            experiment.write(results)
+
+    def with_training_time(arm, seed, data):
+        run = experiment.run_arm(arm, seed, data)
+        run["training_seconds"] = run["curve"][-1]["cpu"] if run["curve"] else None
+        return run
+
+    runs = experiment.run_all(ARMS, with_training_time)["runs"]
     plot_curves(runs, experiment.results_dir / "curves.png", "top-k and capacity factor at equal steps")
     return 0
 

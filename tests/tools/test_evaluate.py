@@ -135,6 +135,7 @@ class CountingGenerate:
 
     def __call__(self, *args, **kwargs):
         self.batches.append(int(kwargs["input_ids"].shape[0]))
+        self.max_new_tokens = kwargs.get("max_new_tokens")
         return self.original(*args, **kwargs)
 
 
@@ -165,6 +166,23 @@ def test_pipeline_gives_empty_output_for_empty_input_without_the_model(translato
     alone = [translator(text, num_beams=1, max_new_tokens=6)[0]["translation_text"]
              for text in ("Guten Morgen.", "Danke.")]
     assert [mixed[1]["translation_text"], mixed[3]["translation_text"]] == alone
+
+
+def test_generation_length_follows_the_longest_source_when_the_config_says_so(translator, counting, monkeypatch):
+    config = translator.model.generation_config
+    monkeypatch.setattr(config, "max_new_tokens", 40, raising=False)
+    translator("Guten Morgen.", num_beams=1)
+    assert counting.max_new_tokens is None  # no max_length_a/b: the model's own max_new_tokens applies
+    monkeypatch.setattr(config, "max_length_a", 1.5, raising=False)
+    monkeypatch.setattr(config, "max_length_b", 2, raising=False)
+    source_tokens = len(translator.tokenizer("Guten Morgen, lieber Freund.")["input_ids"])  # with __de__ and </s>
+    translator(["Guten Morgen, lieber Freund.", "Danke."], num_beams=1, batch_size=2)
+    assert counting.max_new_tokens == int(1.5 * source_tokens + 2) < 40
+    translator("Guten Morgen.", num_beams=1, max_new_tokens=3)
+    assert counting.max_new_tokens == 3  # the caller's choice wins
+    monkeypatch.setattr(config, "max_length_b", 100, raising=False)
+    translator("Guten Morgen.", num_beams=1)
+    assert counting.max_new_tokens == 40  # never beyond max_new_tokens
 
 
 def test_translate_sorts_by_length_and_restores_input_order(translator, counting):
