@@ -253,13 +253,13 @@ class GroupedExperts(nn.Module):
         nn.init.zeros_(self.down_proj_bias)
 
     def forward(self, hidden_states: torch.Tensor, tokens_per_expert: torch.Tensor) -> torch.Tensor:
-        # A kernel given as a callable (a speed backend) is called directly: an operator takes names, not functions.
-        opaque = torch.compiler.is_compiling() and not torch.is_grad_enabled() and isinstance(self.implementation, str)
-        experts = opaque_grouped_ffn if opaque else grouped_ffn
-        return experts(
-            hidden_states, tokens_per_expert, self.up_proj, self.up_proj_bias,
-            self.down_proj, self.down_proj_bias, self.activation, self.implementation,
-        )
+        weights = (self.up_proj, self.up_proj_bias, self.down_proj, self.down_proj_bias)
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+            # An operator takes a kernel's name, not a function: a speed backend's kernel (a callable, e.g. the CPU
+            # worker threads) steps aside under torch.compile, as the backend's Linear routing does.
+            name = self.implementation if isinstance(self.implementation, str) else "auto"
+            return opaque_grouped_ffn(hidden_states, tokens_per_expert, *weights, self.activation, name)
+        return grouped_ffn(hidden_states, tokens_per_expert, *weights, self.activation, self.implementation)
 
     def extra_repr(self) -> str:
         kernel = getattr(self.implementation, "__name__", self.implementation)
