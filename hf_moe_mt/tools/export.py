@@ -133,12 +133,17 @@ def _corpus_of_run(run_dir: Path, train_config: dict | None) -> Path | None:
 
 # --------------------------------------------------------------------------- writing the folder
 
-def default_generation_config(config: MoEMTConfig, num_beams: int = 4, max_new_tokens: int = 256) -> GenerationConfig:
-    """Beam search from `</s>`; the target language is forced per call (`forced_bos_token_id`)."""
+def default_generation_config(config: MoEMTConfig, num_beams: int = 4, max_new_tokens: int = 256,
+                              no_repeat_ngram_size: int = 3) -> GenerationConfig:
+    """Beam search from `</s>`; the target language is forced per call (`forced_bos_token_id`).
+
+    `no_repeat_ngram_size=3` stops the decoding loops of small low-resource models ("the land of the land of
+    the land ..."): on the Bible dev set it raised BLEU by about one point (docs/RESULTS.md). 0 turns it off."""
     return GenerationConfig(
         decoder_start_token_id=config.decoder_start_token_id, bos_token_id=config.bos_token_id,
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
         num_beams=num_beams, max_new_tokens=max_new_tokens, early_stopping=True,
+        no_repeat_ngram_size=no_repeat_ngram_size or None,
     )
 
 
@@ -221,6 +226,7 @@ def export_model(
     tokenizer: str | os.PathLike | None = None,
     *,
     num_beams: int = 4,
+    no_repeat_ngram_size: int = 3,
     overwrite: bool = False,
     metrics: dict | None = None,
     corpus: str | os.PathLike | None = None,
@@ -243,7 +249,7 @@ def export_model(
     # 2.
     model = load_trained_model(checkpoint)
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
-    generation = default_generation_config(model.config, num_beams=num_beams,
+    generation = default_generation_config(model.config, num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
                                            max_new_tokens=min(256, model.config.max_position_embeddings - 1))
     # 3.
     return write_model_folder(model, tok, output_dir, overwrite=overwrite, generation_config=generation, info=info,

@@ -30,6 +30,7 @@ def test_export_writes_weights_code_tokenizer_generation_config_and_card(exporte
     assert config["auto_map"]["AutoModelForSeq2SeqLM"] == "modeling_moe_mt.MoEMTForConditionalGeneration"
     generation = json.loads((folder / "generation_config.json").read_text())
     assert generation["num_beams"] == 4 and generation["decoder_start_token_id"] == config["eos_token_id"]
+    assert generation["no_repeat_ngram_size"] == 3  # the loop guard a small model needs
     card = (folder / "README.md").read_text()
     assert "pipeline_tag: translation" in card and "bleu_de_en | 1.5" in card
     assert f"{exported.num_parameters:,}" in card and "- de" in card
