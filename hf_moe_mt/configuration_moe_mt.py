@@ -26,6 +26,9 @@ class MoEMTConfig(PreTrainedConfig):
       `is_sparse_layer(stack, layer_idx)` is the only place that rule lives.
     - `capacity_factor` (training) / `eval_capacity_factor` (eval forward), `min_capacity`, `router_use_rts`,
       `router_drop_tokens` (False = dropless everywhere), `router_jitter_noise`.
+    - `moe_eom`: expert output masking (NLLB-MoE's `moe_eom`, Elbayad et al. 2022): in training, each token's
+      MoE output is zeroed with this probability (the token keeps its residual, as an overflowed token does), a
+      regulariser against experts over-fitting small data. 0 = off.
     - `router_dropless_generation`: `generate` runs every MoE layer dropless, so a sentence translates the
       same alone and inside any batch (capacity would make results depend on the batch).
     - `router_aux_loss_coef`, `router_z_loss_coef`: the coefficients of the load-balancing and z losses,
@@ -86,6 +89,7 @@ class MoEMTConfig(PreTrainedConfig):
     router_use_rts: bool = True
     router_drop_tokens: bool = True
     router_jitter_noise: float = 0.0
+    moe_eom: float = 0.0
     router_dropless_generation: bool = True
     experts_kernel: str = "auto"
     expert_parallel_size: int = 1
@@ -164,6 +168,7 @@ class MoEMTConfig(PreTrainedConfig):
              f"eval_capacity_factor={self.eval_capacity_factor} must be > 0 (2.0 = paper evaluation)"),
             (_non_negative_int(self.min_capacity), f"min_capacity={self.min_capacity!r} must be an integer >= 0"),
             (0 <= self.router_jitter_noise < 1, f"router_jitter_noise={self.router_jitter_noise} must be in [0, 1)"),
+            (0 <= self.moe_eom < 1, f"moe_eom={self.moe_eom} must be in [0, 1) (0 = no expert output masking)"),
             (self.router_aux_loss_coef >= 0, f"router_aux_loss_coef={self.router_aux_loss_coef} must be >= 0"),
             (self.router_z_loss_coef >= 0, f"router_z_loss_coef={self.router_z_loss_coef} must be >= 0"),
             (0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing} must be in [0, 1)"),

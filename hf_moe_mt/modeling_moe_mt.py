@@ -306,7 +306,7 @@ class MoEMTLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: MoEMTConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx, self.dropout = layer_idx, config.dropout
+        self.layer_idx, self.dropout, self.moe_eom = layer_idx, config.dropout, config.moe_eom
 
     def _init_feed_forward(self, config: MoEMTConfig, stack: str) -> None:
         """Called last by subclasses, so parameters are listed in forward order (attention, then FFN)."""
@@ -332,6 +332,8 @@ class MoEMTLayer(GradientCheckpointingLayer):
         if not self.is_sparse:
             return self._residual(hidden_states, self.mlp(normed)), None, None, None
         out, info = self.mlp(normed, padding_mask=padding_mask)
+        if self.training and self.moe_eom > 0:  # expert output masking: whole tokens, not features
+            out = out.masked_fill(torch.rand(out.shape[:-1] + (1,), device=out.device) < self.moe_eom, 0.0)
         return self._residual(hidden_states, out), info.aux_loss, info.z_loss, info
 
 

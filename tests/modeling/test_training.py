@@ -144,3 +144,25 @@ def test_stock_seq2seq_trainer_learns_the_toy_translation(tmp_path):
     trainer.train()
     logged = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert sum(logged[-4:]) / 4 < 0.6 * sum(logged[:4]) / 4
+
+
+def test_expert_output_masking_zeroes_whole_tokens_in_training_only():
+    """moe_eom=p: in training a token's MoE output is zero with probability p (all features at once); in
+    evaluation the layer is untouched."""
+    model = make_model(moe_eom=0.5, router_drop_tokens=False)  # no capacity drops: only the mask zeroes a token
+    layer = model.model.encoder.layers[1]
+    assert layer.is_sparse
+    hidden = torch.randn(4, 50, model.config.d_model)
+    mask = torch.ones(4, 50, dtype=torch.bool)
+    reference = make_model(moe_eom=0.0, router_drop_tokens=False).model.encoder.layers[1]
+    reference.load_state_dict(layer.state_dict())
+    torch.manual_seed(1)
+    masked = layer.train()._feed_forward(hidden, mask)[0] - hidden  # the FFN sublayer's contribution
+    torch.manual_seed(1)
+    full = reference.train()._feed_forward(hidden, mask)[0] - hidden
+    zero_tokens = masked.abs().sum(-1) == 0
+    assert 0.35 < zero_tokens.float().mean() < 0.65  # ~p of 200 tokens
+    assert torch.equal(masked[~zero_tokens], full[~zero_tokens])
+    assert not (full.abs().sum(-1) == 0).any()
+    with torch.no_grad():
+        assert torch.equal(layer.eval()._feed_forward(hidden, mask)[0], reference.eval()._feed_forward(hidden, mask)[0])
