@@ -45,6 +45,13 @@ def test_experiment_script_runs_every_arm_and_writes_results(name, fixture_data,
         assert (tmp_path / "results" / name / "drops_by_position.png").is_file()
     if name == "moe_vs_dense":
         assert set(report["steps_to_dense_final_loss"]) == {"moe8-seed0", "moe16-seed0"}
+    # docs/RESULTS.md quotes scripts/experiments/tables.py: one row per arm, with its final dev loss
+    tables = subprocess.run([sys.executable, os.path.join(SCRIPTS, "tables.py"), "--results", str(tmp_path / "results"),
+                             "--only", name], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert tables.returncode == 0, tables.stderr[-2000:]
+    rows = [line for line in tables.stdout.splitlines() if line.startswith("| ") and not line.startswith("| arm")]
+    assert len(rows) == len(EXPECTED_ARMS[name])
+    assert all(f"{run['curve'][-1]['dev_loss']:.3f}" in row for run, row in zip(report["runs"], rows))
 
 
 def test_a_rerun_reads_finished_arms_back(fixture_data, tmp_path):

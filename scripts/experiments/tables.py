@@ -1,0 +1,101 @@
+"""Markdown tables of the experiment results (results/<experiment>/results.json and results/model_tools/*.json),
+as docs/RESULTS.md quotes them: rerun after an experiment and paste, so the document never drifts from the data.
+
+  python scripts/experiments/tables.py                  # every result found under results/
+  python scripts/experiments/tables.py --results results --only moe_vs_dense,pruning
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HARNESS_EXPERIMENTS = ("moe_vs_dense", "rts_vs_position", "multitask", "topk_capacity")
+MODEL_TOOL_SECTIONS = ("pruning", "aoe", "upcycling")
+
+
+def _number(value, digits: int = 2) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def harness_table(results: dict) -> str:
+    """One row per arm and seed: final dev loss, steps, training CPU minutes, test BLEU/chrF per pivot average."""
+    runs = results["runs"]
+    averages = sorted({name for run in runs for name in run["scores"].get("averages", {})})
+    header = ["arm", "seed", "steps", "dev loss", "train CPU min"] + [f"{m} {a}" for a in averages for m in ("BLEU", "chrF")]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        final = run["curve"][-1] if run["curve"] else {}
+        cells = [run["label"], str(run["seed"]), str(final.get("step", "–")), _number(final.get("dev_loss"), 3),
+                 _number(final["cpu"] / 60 if "cpu" in final else None, 1)]
+        for average in averages:
+            scores = run["scores"].get("averages", {}).get(average, {})
+            cells += [_number(scores.get("bleu")), _number(scores.get("chrf"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    extra = {key: value for key, value in results.items() if key.startswith("steps_to")}
+    for key, value in extra.items():
+        lines.append(f"\n{key}: " + ", ".join(f"{arm} {step if step is not None else 'not reached'}"
+                                              for arm, step in value.items()))
+    return "\n".join(lines)
+
+
+def pruning_table(section: dict) -> str:
+    header = ["kept", "method", "experts/layer", "parameters", "weights MiB", "peak MiB", "sent/s", "BLEU", "chrF"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in section["result"]:
+        lines.append("| " + " | ".join([str(row["keep"]), row["method"], str(row["experts"]), f"{row['parameters']:,}",
+                                        _number(row["weights_mib"], 1), _number(row.get("peak_memory_mib"), 0),
+                                        _number(row["sentences_per_second"], 1), _number(row["bleu"]),
+                                        _number(row["chrf"])]) + " |")
+    return "\n".join(lines)
+
+
+def aoe_table(section: dict) -> str:
+    result = section["result"]
+    lines = ["| model | dev loss |", "|---|---|"]
+    lines += [f"| {name} | {_number(loss, 3)} |" for name, loss in result["dev_loss"].items()]
+    return "\n".join(lines)
+
+
+def upcycling_table(section: dict) -> str:
+    result = section["result"]
+    lines = ["| model | parameters | dev loss | BLEU | chrF |", "|---|---|---|---|---|"]
+    for name, point in result["points"].items():
+        lines.append(f"| {name} | {point['parameters']:,} | {_number(point['dev_loss'], 3)} | {_number(point['bleu'])} "
+                     f"| {_number(point['chrf'])} |")
+    return "\n".join(lines)
+
+
+SECTION_TABLES = {"pruning": pruning_table, "aoe": aoe_table, "upcycling": upcycling_table}
+
+
+def all_tables(results_dir: Path, only: set[str] | None = None) -> list[tuple[str, str]]:
+    tables = []
+    for name in HARNESS_EXPERIMENTS:
+        path = results_dir / name / "results.json"
+        if path.is_file() and (only is None or name in only):
+            tables.append((name, harness_table(json.loads(path.read_text()))))
+    for name in MODEL_TOOL_SECTIONS:
+        path = results_dir / "model_tools" / f"{name}.json"
+        if path.is_file() and (only is None or name in only):
+            tables.append((name, SECTION_TABLES[name](json.loads(path.read_text()))))
+    return tables
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default=str(Path(__file__).resolve().parents[2] / "results"))
+    parser.add_argument("--only", default=None, help="comma-separated experiment or section names")
+    args = parser.parse_args(argv)
+    only = set(args.only.split(",")) if args.only else None
+    tables = all_tables(Path(args.results), only)
+    if not tables:
+        raise SystemExit(f"no results under {args.results}; run an experiment script first")
+    for name, table in tables:
+        print(f"### {name}\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
