@@ -44,7 +44,8 @@ def experiment_parser(description: str, default_steps: int) -> argparse.Argument
     parser.add_argument("--steps", type=int, default=default_steps, help="optimizer steps per arm")
     parser.add_argument("--eval-every", type=int, default=None, help="dev loss every N steps (default: steps/8)")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds; every arm runs once per seed")
-    parser.add_argument("--test-sentences", type=int, default=200, help="test pairs scored per direction")
+    parser.add_argument("--test-sentences", type=int, default=100,
+                        help="test pairs scored per direction (every direction of the corpus, both ways)")
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "experiments"),
                         help="checkpoints and models (not committed)")
     parser.add_argument("--results-dir", default=str(REPO / "results"), help="JSON and PNG (committed)")

@@ -25,7 +25,7 @@ ROUTING = ["model.config.num_experts_per_tok=1", "model.config.capacity_factor=1
 
 
 def main(argv=None) -> int:
-    args = experiment_parser(__doc__, default_steps=400).parse_args(argv)
+    args = experiment_parser(__doc__, default_steps=600).parse_args(argv)
     experiment = Experiment("moe_vs_dense", args, ROUTING)
     results = experiment.run_all(ARMS)
     runs = results["runs"]
