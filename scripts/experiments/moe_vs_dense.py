@@ -8,6 +8,7 @@ which each MoE arm reaches the dense arm's final dev loss. Writes results/moe_vs
 
   python scripts/experiments/moe_vs_dense.py                         # defaults: about an hour on 2 CPU cores
   python scripts/experiments/moe_vs_dense.py --seeds 0,1             # the headline comparison, two seeds
+  python scripts/experiments/moe_vs_dense.py --eom 0.2                # adds 8 experts with expert output masking
   python scripts/experiments/moe_vs_dense.py --steps 20000 training.bf16=true data.max_tokens=16384   # a GPU
 """
 
@@ -25,9 +26,14 @@ ROUTING = ["model.config.num_experts_per_tok=1", "model.config.capacity_factor=1
 
 
 def main(argv=None) -> int:
-    args = experiment_parser(__doc__, default_steps=600).parse_args(argv)
+    parser = experiment_parser(__doc__, default_steps=600)
+    parser.add_argument("--eom", type=float, default=None,
+                        help="also train 8 experts with expert output masking at this rate (model.config.moe_eom)")
+    args = parser.parse_args(argv)
     experiment = Experiment("moe_vs_dense", args, ROUTING)
-    results = experiment.run_all(ARMS)
+    arms = ARMS + ([Arm("moe8-eom", ["model.config.num_experts=8", f"model.config.moe_eom={args.eom}"],
+                        f"MoE, 8 experts, EOM {args.eom}")] if args.eom else [])
+    results = experiment.run_all(arms)
     runs = results["runs"]
     results["steps_to_dense_final_loss"] = {
         f"{run['arm']}-seed{run['seed']}": steps_to_reach(run["curve"], dense_final(runs, run["seed"]))
