@@ -19,12 +19,17 @@ def _number(value, digits: int = 2) -> str:
     return "–" if value is None else f"{value:.{digits}f}"
 
 
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
 def harness_table(results: dict) -> str:
     """One row per arm and seed: final dev loss, steps, training CPU minutes, test BLEU/chrF per pivot average."""
     runs = results["runs"]
     averages = sorted({name for run in runs for name in run["scores"].get("averages", {})})
     header = ["arm", "seed", "steps", "dev loss", "train CPU min"] + [f"{m} {a}" for a in averages for m in ("BLEU", "chrF")]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for run in runs:
         final = run["curve"][-1] if run["curve"] else {}
         cells = [run["label"], str(run["seed"]), str(final.get("step", "–")), _number(final.get("dev_loss"), 3),
@@ -32,7 +37,8 @@ def harness_table(results: dict) -> str:
         for average in averages:
             scores = run["scores"].get("averages", {}).get(average, {})
             cells += [_number(scores.get("bleu")), _number(scores.get("chrf"))]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append(cells)
+    lines = [markdown(header, rows)]
     extra = {key: value for key, value in results.items() if key.startswith("steps_to")}
     for key, value in extra.items():
         lines.append(f"\n{key}: " + ", ".join(f"{arm} {step if step is not None else 'not reached'}"
@@ -42,29 +48,21 @@ def harness_table(results: dict) -> str:
 
 def pruning_table(section: dict) -> str:
     header = ["kept", "method", "experts/layer", "parameters", "weights MiB", "peak MiB", "sent/s", "BLEU", "chrF"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for row in section["result"]:
-        lines.append("| " + " | ".join([str(row["keep"]), row["method"], str(row["experts"]), f"{row['parameters']:,}",
-                                        _number(row["weights_mib"], 1), _number(row.get("peak_memory_mib"), 0),
-                                        _number(row["sentences_per_second"], 1), _number(row["bleu"]),
-                                        _number(row["chrf"])]) + " |")
-    return "\n".join(lines)
+    return markdown(header, [[str(row["keep"]), row["method"], str(row["experts"]), f"{row['parameters']:,}",
+                              _number(row["weights_mib"], 1), _number(row.get("peak_memory_mib"), 0),
+                              _number(row["sentences_per_second"], 1), _number(row["bleu"]), _number(row["chrf"])]
+                             for row in section["result"]])
 
 
 def aoe_table(section: dict) -> str:
-    result = section["result"]
-    lines = ["| model | dev loss |", "|---|---|"]
-    lines += [f"| {name} | {_number(loss, 3)} |" for name, loss in result["dev_loss"].items()]
-    return "\n".join(lines)
+    return markdown(["model", "dev loss"],
+                    [[name, _number(loss, 3)] for name, loss in section["result"]["dev_loss"].items()])
 
 
 def upcycling_table(section: dict) -> str:
-    result = section["result"]
-    lines = ["| model | parameters | dev loss | BLEU | chrF |", "|---|---|---|---|---|"]
-    for name, point in result["points"].items():
-        lines.append(f"| {name} | {point['parameters']:,} | {_number(point['dev_loss'], 3)} | {_number(point['bleu'])} "
-                     f"| {_number(point['chrf'])} |")
-    return "\n".join(lines)
+    return markdown(["model", "parameters", "dev loss", "BLEU", "chrF"],
+                    [[name, f"{point['parameters']:,}", _number(point["dev_loss"], 3), _number(point["bleu"]),
+                      _number(point["chrf"])] for name, point in section["result"]["points"].items()])
 
 
 SECTION_TABLES = {"pruning": pruning_table, "aoe": aoe_table, "upcycling": upcycling_table}
