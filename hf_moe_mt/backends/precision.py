@@ -4,33 +4,30 @@ Why measured: on CPUs with native bf16 arithmetic (AVX512-BF16, AMX) torch's bf1
 fp32 rate and a whole training step gets faster; on CPUs without it torch emulates bf16 and the same step gets
 several times slower. Flags in /proc/cpuinfo tell only part of it (which kernels torch's build dispatches to
 is the rest), so the answer is a measurement: a Linear's forward + backward at a training-sized block
-(`ROWS` rows, 512 → 2048), fp32 against bf16 autocast, alternating, best of `REPEATS` after a warm-up. bf16 is
-chosen when it takes at most `MAX_TIME_RATIO` of the fp32 time: the GEMMs must gain clearly, because the casts
-and the fp32 parts of a step (norms, softmax, the optimizer) gain nothing. Cost: a fraction of a second, once
-per machine (cached in probe.py's cache directory, keyed like the GEMM probe). On GPUs the question is
-answered by `torch.cuda.is_bf16_supported()`.
+(`ROWS` rows, 512 → 2048), fp32 against bf16 autocast, timed like the GEMM probe (alternating, best of its
+repeats after a warm-up). bf16 is chosen when it takes at most `MAX_TIME_RATIO` of the fp32 time: the GEMMs
+must gain clearly, because the casts and the fp32 parts of a step (norms, softmax, the optimizer) gain
+nothing. Cost: a fraction of a second, once per machine (cached in probe.py's cache directory, keyed like the
+GEMM probe, through the same `cached_measurement`). On GPUs the question is answered by
+`torch.cuda.is_bf16_supported()`.
 
 Used by `training.bf16: auto` in the `hf-moe-mt train` configuration.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 from torch.nn import functional as F
 
-from .probe import _file_lock, _read_cache, _write_cache, cache_dir, machine_key
+from .probe import _best_seconds, cached_measurement, machine_key
 
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "cpu_bf16_probe.json"
 ROWS, D_IN, D_OUT = 256, 512, 2048
-REPEATS = 5
 MAX_TIME_RATIO = 0.7
 
 
@@ -50,20 +47,10 @@ class Bf16Choice:
 
 def cpu_bf16_choice(again: bool = False) -> Bf16Choice:
     """The cached answer for this machine, or a new measurement (then cached); `again` measures regardless."""
-    key, folder = machine_key(), cache_dir()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with _file_lock(folder / f"{CACHE_FILE}.lock"):
-            entries = _read_cache(folder / CACHE_FILE)
-            cached = entries.get(key)
-            if not again and isinstance(cached, dict) and isinstance(cached.get("time_ratio"), (int, float)):
-                return _decide(float(cached["time_ratio"]), "cache")
-            choice = _decide(measure_time_ratio(), "probe")
-            _write_cache(folder / CACHE_FILE, {**entries, key: asdict(choice)})
-            return choice
-    except (OSError, json.JSONDecodeError) as error:  # read-only home, full disk: measure, do not cache
-        logger.warning("hf_moe_mt: cannot cache the bf16 probe in %s (%s); measuring in memory", folder, error)
-        return _decide(measure_time_ratio(), "probe")
+    fields, source = cached_measurement(
+        CACHE_FILE, machine_key(), lambda: asdict(_decide(measure_time_ratio(), "probe")), "bf16 probe", again,
+        usable=lambda entry: isinstance(entry.get("time_ratio"), (int, float)))
+    return _decide(float(fields["time_ratio"]), source)
 
 
 def _decide(time_ratio: float, source: str) -> Bf16Choice:
@@ -82,14 +69,8 @@ def measure_time_ratio() -> float:
         out.float().sum().backward()
         x.grad = weight.grad = None
 
-    best = {False: math.inf, True: math.inf}
-    for repeat in range(REPEATS + 1):
-        for bf16 in (False, True):
-            start = time.perf_counter()
-            step(bf16)
-            if repeat:  # the first round warms up (oneDNN compiles its kernels)
-                best[bf16] = min(best[bf16], time.perf_counter() - start)
-    return best[True] / best[False]
+    best = _best_seconds("bf16 autocast", {"fp32": lambda: step(False), "bf16": lambda: step(True)})
+    return best["bf16"] / best["fp32"]
 
 
 def resolve_bf16(value, on_cuda: bool) -> bool:

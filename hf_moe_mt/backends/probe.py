@@ -142,20 +142,30 @@ def choose_gemm(gemm: str = "auto") -> GemmChoice:
 
 
 def cached_or_measured(key: str, again: bool = False) -> GemmChoice:
+    fields, source = cached_measurement(CACHE_FILE, key, lambda: asdict(measure()), "CPU GEMM probe", again,
+                                        usable=lambda entry: _entry(entry) is not None)
+    return GemmChoice(**{**fields, "source": source})
+
+
+def cached_measurement(file_name: str, key: str, measure_fields: Callable[[], dict], what: str, again: bool = False,
+                       usable: Callable[[dict], bool] = lambda entry: True) -> tuple[dict, str]:
+    """The JSON fields cached under `key` in `cache_dir() / file_name` ("cache"), or `measure_fields()`, then
+    cached ("probe"); `again` measures regardless. Processes that start together take turns through a file lock.
+    Where nothing can be cached (read-only home, full disk) it measures every time, still correct."""
     folder = cache_dir()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with _file_lock(folder / f"{CACHE_FILE}.lock"):
-            entries = _read_cache(folder / CACHE_FILE)
-            cached = _entry(entries.get(key)) if not again else None
-            if cached is not None:
-                return cached
-            choice = measure()
-            _write_cache(folder / CACHE_FILE, {**entries, key: asdict(choice)})
-            return choice
-    except OSError as error:  # read-only home, full disk: measure every time, still correct
-        logger.warning("hf_moe_mt: cannot cache the CPU GEMM probe in %s (%s); measuring in memory", folder, error)
-        return measure()
+        with _file_lock(folder / f"{file_name}.lock"):
+            entries = _read_cache(folder / file_name)
+            cached = entries.get(key)
+            if not again and isinstance(cached, dict) and usable(cached):
+                return cached, "cache"
+            fields = measure_fields()
+            _write_cache(folder / file_name, {**entries, key: fields})
+            return fields, "probe"
+    except OSError as error:
+        logger.warning("hf_moe_mt: cannot cache the %s in %s (%s); measuring in memory", what, folder, error)
+        return measure_fields(), "probe"
 
 
 @contextlib.contextmanager

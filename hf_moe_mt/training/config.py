@@ -104,14 +104,16 @@ class TrainConfig:
         return self.training["output_dir"]
 
     def training_arguments(self, **overrides) -> Seq2SeqTrainingArguments:
-        """`bf16: auto` is decided here, for the device the run will use (hf_moe_mt.backends.precision)."""
+        """`bf16: auto` is decided here, for the device the run will use (hf_moe_mt.backends.precision); any
+        other word is refused with one line."""
         values = {**self.training, **overrides}
-        if values.get("bf16") == "auto":
+        if isinstance(values.get("bf16"), str):
             import torch
 
             from ..backends.precision import resolve_bf16
 
-            values["bf16"] = resolve_bf16("auto", on_cuda=torch.cuda.is_available() and not values.get("use_cpu"))
+            on_cuda = torch.cuda.is_available() and not values.get("use_cpu")
+            values["bf16"] = resolve_bf16(values["bf16"], on_cuda=on_cuda)
         return Seq2SeqTrainingArguments(**values)
 
     @property

@@ -50,6 +50,9 @@ def test_explicit_values_pass_and_others_fail_with_one_line():
     assert precision.resolve_bf16(False, on_cuda=False) is False
     with pytest.raises(ValueError, match="true, false or auto"):
         precision.resolve_bf16("yes", on_cuda=False)
+    config = load_train_config(None, ["training.output_dir=unused", "training.bf16=yes", "training.report_to=[]"])
+    with pytest.raises(ValueError, match="true, false or auto, got 'yes'"):
+        config.training_arguments()
 
 
 def test_the_real_measurement_is_a_positive_ratio():
