@@ -119,6 +119,7 @@ def run_worker(args) -> None:
     import torch.distributed as dist
 
     from hf_moe_mt.training import trainer as trainer_module
+    from hf_moe_mt.training.commands import leave_process_group
     from hf_moe_mt.training.config import load_train_config
     from hf_moe_mt.training.run import run_training
 
@@ -140,8 +141,12 @@ def run_worker(args) -> None:
     if dist.get_rank() == 0:
         with open(args.result, "w", encoding="utf-8") as handle:
             json.dump(results, handle)
-    dist.barrier()
-    dist.destroy_process_group()
+    leave_process_group()
+    # The result is written and the group left: skip interpreter teardown, where C++ threads of gloo and the
+    # TCP store can still abort a finished worker (std::terminate) and fail a run that has nothing left to do.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------- parent (prepare, launch, report)

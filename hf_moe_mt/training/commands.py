@@ -39,7 +39,7 @@ def run_train(args: argparse.Namespace) -> int:
     summary = run_training(config, resume=args.resume_from or args.resume or None, callbacks=callbacks)
     if _is_main_process():
         print(json.dumps(summary, default=str))
-    _shut_down_process_group()
+    leave_process_group()
     return 0
 
 
@@ -49,11 +49,16 @@ def _is_main_process() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def _shut_down_process_group() -> None:
-    """Leave together: a process that exits while its peers still hold the group can abort in gloo's threads."""
+def leave_process_group() -> None:
+    """Leave together: a process that exits while its peers still hold the group can abort in gloo's threads.
+    The trainer is kept alive by reference cycles (callbacks hold it); collecting them first frees the DDP
+    reducer while its process group still exists, not during interpreter teardown."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_initialized():
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
 
