@@ -5,7 +5,7 @@ more than --tolerance above M2M100's at any evaluation point, the recipe or the 
 says so and exits 1.
 
 Everything comes from a training config (`hf-moe-mt train` YAML): corpus, tokenizer, multitask examples, token
-batches (`data.max_tokens`), model shape (`model.config`), and AdamW / schedule / warmup / clipping
+batches (`data.max_tokens` or `data.maxi_batch`), model shape (`model.config`), and AdamW / schedule / warmup / clipping
 (`training`). The three models train interleaved, one batch each in turn, so a stopped run still compares them
 on every point it reached. Writes `reference_curves.json` and `reference_curves.png` under --output.
 
@@ -136,11 +136,16 @@ def batches_of(dataset, collator, sampler) -> list[dict]:
     return [collator([dataset[i] for i in indices]) for indices in sampler]
 
 
-def train_batches(dataset, collator, max_tokens: int | None, batch_size: int, seed: int):
-    """Endless batches, identical for every model: token batches when `max_tokens`, else shuffled fixed-size ones."""
-    from hf_moe_mt.data.batching import TokenBatchSampler, example_lengths
+def train_batches(dataset, collator, data, batch_size: int, seed: int):
+    """Endless batches, identical for every model, cut as `hf-moe-mt train` cuts them: token batches with
+    `data.max_tokens`, length-sorted pools with `data.maxi_batch`, else shuffled fixed-size ones."""
+    from hf_moe_mt.data.batching import MaxiBatchSampler, TokenBatchSampler, example_lengths
 
-    sampler = TokenBatchSampler(example_lengths(dataset), max_tokens, seed=seed) if max_tokens else None
+    sampler = None
+    if data.max_tokens:
+        sampler = TokenBatchSampler(example_lengths(dataset), data.max_tokens, seed=seed)
+    elif data.maxi_batch:
+        sampler = MaxiBatchSampler(example_lengths(dataset), batch_size, data.maxi_batch, seed=seed)
     for epoch in range(10**9):
         if sampler is not None:
             order = sampler.batches(epoch)
@@ -249,7 +254,7 @@ def run(options) -> int:
     # 2.
     evaluate(0)
     running = {name: 0.0 for name in models}
-    for step, batch in enumerate(train_batches(train, collator, config.data.max_tokens,
+    for step, batch in enumerate(train_batches(train, collator, config.data,
                                                args.per_device_train_batch_size, args.seed), start=1):
         for name, model in models.items():
             set_seed(args.seed + step)  # the same dropout stream for each model's step (shapes differ anyway)

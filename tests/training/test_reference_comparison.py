@@ -40,3 +40,26 @@ def test_a_lag_beyond_the_tolerance_fails_loudly(fixture_data, tmp_path):
     assert result.returncode == 1
     assert "FAIL: step 0: ours_dense dev loss" in result.stderr
     assert len(json.loads((tmp_path / "reference_curves.json").read_text())["lagging"]) == 3
+
+
+def test_with_maxi_batches_the_models_see_the_trainers_batches_in_order():
+    import importlib.util
+    from types import SimpleNamespace
+
+    import torch
+    from datasets import Dataset
+
+    from hf_moe_mt.data.batching import MaxiBatchSampler
+
+    spec = importlib.util.spec_from_file_location("compare_reference_training", SCRIPT)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    lengths = [3, 9, 1, 7, 5, 2, 8, 4, 6, 10, 12, 11]
+    dataset = Dataset.from_dict({"input_ids": [[0] * n for n in lengths], "labels": [[0] * n for n in lengths]})
+    data = SimpleNamespace(max_tokens=None, maxi_batch=2)
+    batches = script.train_batches(dataset, lambda rows: torch.tensor([len(r["labels"]) for r in rows]), data,
+                                   batch_size=3, seed=7)
+    expected = [[lengths[i] for i in batch] for epoch in (0, 1) for batch in
+                MaxiBatchSampler(lengths, 3, 2, seed=7).batches(epoch)]
+    assert [next(batches).tolist() for _ in expected] == expected
+    assert all(batch == sorted(batch) for batch in expected)  # sorted within each pool, not shuffled sentences
