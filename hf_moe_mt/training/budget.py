@@ -21,6 +21,8 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .metrics import collective_device
+
 
 class TimeBudgetCallback(TrainerCallback, ExportableState):
     """Stops training once `minutes` of training time are spent; the step that crosses the budget is saved."""
@@ -56,8 +58,6 @@ class TimeBudgetCallback(TrainerCallback, ExportableState):
         elapsed = self.elapsed_seconds
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return elapsed
-        from .metrics import _collective_device
-
-        value = torch.tensor([elapsed], dtype=torch.float64, device=_collective_device())
+        value = torch.tensor([elapsed], dtype=torch.float64, device=collective_device())
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return float(value.item())

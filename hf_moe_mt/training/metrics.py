@@ -87,7 +87,7 @@ class RouterMetrics:
         self._window = None
         flat = torch.cat([window[key].reshape(-1) for key in ("load", "pairs", "aux", "z", "calls")])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            flat = flat.to(_collective_device())
+            flat = flat.to(collective_device())
             dist.all_reduce(flat)
         num_layers, num_experts = len(self.layer_names), self.num_experts
         load, pairs, aux, z, calls = torch.split(flat.cpu(), [num_layers * num_experts] + [num_layers] * 4)
@@ -124,8 +124,8 @@ class RouterMetrics:
         self._handles = []
 
 
-def _collective_device() -> torch.device:
-    """NCCL reduces CUDA tensors only; gloo CPU ones."""
+def collective_device() -> torch.device:
+    """Where a tensor for a collective must live: NCCL reduces CUDA tensors only, gloo CPU ones."""
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
