@@ -242,7 +242,8 @@ def plot_curves(runs: list[dict], path: Path, title: str, time_key: str = "cpu")
         curve = [point for point in run["curve"] if point["step"] > 0]
         label = f"{run['label']} (seed {run['seed']})"
         axes[0].plot([p["step"] for p in curve], [p["dev_loss"] for p in curve], marker="o", ms=3, label=label)
-        axes[1].plot([p[time_key] / 60 for p in curve], [p["dev_loss"] for p in curve], marker="o", ms=3, label=label)
+        timed = [point for point in curve if point.get(time_key) is not None]  # runs may lack a time record
+        axes[1].plot([p[time_key] / 60 for p in timed], [p["dev_loss"] for p in timed], marker="o", ms=3, label=label)
     axes[0].set(xlabel="optimizer step", ylabel="dev loss (nats/token)")
     axes[1].set(xlabel=f"training time, {'CPU' if time_key == 'cpu' else 'wall'} minutes", ylabel="dev loss")
     for axis in axes:
