@@ -139,13 +139,10 @@ def batches_of(dataset, collator, sampler) -> list[dict]:
 def train_batches(dataset, collator, data, batch_size: int, seed: int):
     """Endless batches, identical for every model, cut as `hf-moe-mt train` cuts them: token batches with
     `data.max_tokens`, length-sorted pools with `data.maxi_batch`, else shuffled fixed-size ones."""
-    from hf_moe_mt.data.batching import MaxiBatchSampler, TokenBatchSampler, example_lengths
+    from hf_moe_mt.data.batching import length_batch_sampler
 
-    sampler = None
-    if data.max_tokens:
-        sampler = TokenBatchSampler(example_lengths(dataset), data.max_tokens, seed=seed)
-    elif data.maxi_batch:
-        sampler = MaxiBatchSampler(example_lengths(dataset), batch_size, data.maxi_batch, seed=seed)
+    sampler = length_batch_sampler(dataset, batch_size, max_tokens=data.max_tokens, maxi_batch=data.maxi_batch,
+                                   seed=seed)
     for epoch in range(10**9):
         if sampler is not None:
             order = sampler.batches(epoch)

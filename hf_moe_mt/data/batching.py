@@ -116,4 +116,16 @@ class MaxiBatchSampler(Sampler[list[int]]):
         return pools * self.maxi_batch + -(-last // self.batch_size)
 
 
-__all__ = ["MaxiBatchSampler", "TokenBatchSampler", "example_lengths", "pack_sorted"]
+def length_batch_sampler(dataset, batch_size: int, *, max_tokens: int | None, maxi_batch: int | None, seed: int,
+                         drop_last: bool = False) -> TokenBatchSampler | MaxiBatchSampler | None:
+    """The batch sampler that `data.max_tokens` (token batches) or `data.maxi_batch` (length-sorted pools of
+    `batch_size` sentences) ask for, or None for plain shuffled batches. One place decides, so the trainer and
+    scripts that replay its batches cut the same ones."""
+    if max_tokens is not None:
+        return TokenBatchSampler(example_lengths(dataset), max_tokens, seed=seed)
+    if maxi_batch is not None:
+        return MaxiBatchSampler(example_lengths(dataset), batch_size, maxi_batch, seed=seed, drop_last=drop_last)
+    return None
+
+
+__all__ = ["MaxiBatchSampler", "TokenBatchSampler", "example_lengths", "length_batch_sampler", "pack_sorted"]

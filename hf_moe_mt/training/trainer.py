@@ -124,15 +124,12 @@ class MoESeq2SeqTrainer(Seq2SeqTrainer):
             return super().get_train_dataloader()
         from torch.utils.data import DataLoader
 
-        from ..data.batching import MaxiBatchSampler, TokenBatchSampler, example_lengths
+        from ..data.batching import length_batch_sampler
 
         dataset = self._remove_unused_columns(self.train_dataset, description="Training")
         seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        if self.max_tokens is not None:
-            sampler = TokenBatchSampler(example_lengths(dataset), self.max_tokens, seed=seed)
-        else:
-            sampler = MaxiBatchSampler(example_lengths(dataset), self.args.per_device_train_batch_size,
-                                       self.maxi_batch, seed=seed, drop_last=self.args.dataloader_drop_last)
+        sampler = length_batch_sampler(dataset, self.args.per_device_train_batch_size, max_tokens=self.max_tokens,
+                                       maxi_batch=self.maxi_batch, seed=seed, drop_last=self.args.dataloader_drop_last)
         loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                             num_workers=self.args.dataloader_num_workers, pin_memory=self.args.dataloader_pin_memory)
         return self.accelerator.prepare(loader)

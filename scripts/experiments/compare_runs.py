@@ -21,7 +21,6 @@ from pathlib import Path
 
 from harness import REPO, machine, plot_curves
 
-BUDGET_CALLBACK = "TimeBudgetCallback"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -44,7 +43,7 @@ def parse_runs(specs: list[str]) -> list[tuple[str, Path]]:
         label, separator, folder = spec.rpartition("=")
         if not separator or not label:
             raise SystemExit(f"error: --run {spec!r} is not LABEL=OUTPUT_DIR")
-        if not any(Path(folder).glob("checkpoint-*/trainer_state.json")):
+        if not checkpoints(Path(folder)):
             raise SystemExit(f"error: --run {spec!r}: no checkpoint-N with a trainer_state.json in {folder}")
         runs.append((label, Path(folder)))
     return runs
@@ -60,7 +59,9 @@ def checkpoints(run_dir: Path) -> dict[int, Path]:
 
 def training_seconds(state: dict) -> float | None:
     """Training time up to a checkpoint, as `--time-budget` recorded it."""
-    record = state.get("stateful_callbacks", {}).get(BUDGET_CALLBACK)
+    from hf_moe_mt.training.budget import TimeBudgetCallback
+
+    record = state.get("stateful_callbacks", {}).get(TimeBudgetCallback.__name__)
     return float(record["attributes"]["elapsed_before"]) if isinstance(record, dict) else None
 
 
