@@ -1,4 +1,5 @@
-"""Markdown tables of the experiment results (results/<experiment>/results.json and results/model_tools/*.json),
+"""Markdown tables of the experiment results (results/<experiment>/results.json, results/model_tools/*.json and
+results/model_tools/<source model>/*.json),
 as docs/RESULTS.md quotes them: rerun after an experiment and paste, so the document never drifts from the data.
 
   python scripts/experiments/tables.py                  # every result found under results/
@@ -47,11 +48,16 @@ def harness_table(results: dict) -> str:
 
 
 def pruning_table(section: dict) -> str:
-    header = ["kept", "method", "experts/layer", "parameters", "weights MiB", "peak MiB", "sent/s", "BLEU", "chrF"]
+    """BLEU is the mean over the directions; the X→en / en→X columns appear when both averages were scored."""
+    rows = section["result"]
+    pivots = [key for key in ("bleu_x-en", "bleu_en-x") if all(key in row for row in rows)]
+    header = ["kept", "method", "experts/layer", "parameters", "weights MiB", "peak MiB", "sent/s", "BLEU",
+              *(("X→en" if key == "bleu_x-en" else "en→X") for key in pivots), "chrF"]
     return markdown(header, [[str(row["keep"]), row["method"], str(row["experts"]), f"{row['parameters']:,}",
                               _number(row["weights_mib"], 1), _number(row.get("peak_memory_mib"), 0),
-                              _number(row["sentences_per_second"], 1), _number(row["bleu"]), _number(row["chrf"])]
-                             for row in section["result"]])
+                              _number(row["sentences_per_second"], 1), _number(row["bleu"]),
+                              *(_number(row[key]) for key in pivots), _number(row["chrf"])]
+                             for row in rows])
 
 
 def aoe_table(section: dict) -> str:
@@ -74,10 +80,14 @@ def all_tables(results_dir: Path, only: set[str] | None = None) -> list[tuple[st
         path = results_dir / name / "results.json"
         if path.is_file() and (only is None or name in only):
             tables.append((name, harness_table(json.loads(path.read_text()))))
-    for name in MODEL_TOOL_SECTIONS:
-        path = results_dir / "model_tools" / f"{name}.json"
-        if path.is_file() and (only is None or name in only):
-            tables.append((name, SECTION_TABLES[name](json.loads(path.read_text()))))
+    root = results_dir / "model_tools"  # one folder per source model: model_tools/ itself and its subfolders
+    folders = [root, *sorted(path for path in root.iterdir() if path.is_dir())] if root.is_dir() else []
+    for folder in folders:
+        for name in MODEL_TOOL_SECTIONS:
+            path = folder / f"{name}.json"
+            if path.is_file() and (only is None or name in only):
+                title = name if folder == root else f"{name} ({folder.name})"
+                tables.append((title, SECTION_TABLES[name](json.loads(path.read_text()))))
     return tables
 
 
