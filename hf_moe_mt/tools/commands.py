@@ -12,6 +12,9 @@ def register(subparsers) -> None:
     export.add_argument("--checkpoint", required=True, help="save_pretrained folder, checkpoint-N, or DeepSpeed run")
     export.add_argument("--output", required=True, help="folder to write (atomically)")
     export.add_argument("--tokenizer", help="tokenizer folder (default: the checkpoint's own)")
+    export.add_argument("--average-last", type=int, default=1, metavar="N",
+                        help="export the mean weights of the run's N newest checkpoints up to --checkpoint "
+                        "(a checkpoint-K folder or the run directory); default 1: no averaging")
     export.add_argument("--num-beams", type=int, default=4, help="default beams in generation_config.json")
     export.add_argument("--no-repeat-ngram-size", type=int, default=3,
                         help="default in generation_config.json: no word n-gram twice in a translation (0: off)")
@@ -72,7 +75,7 @@ def run_export(args) -> int:
     result = export_model(args.checkpoint, args.output, args.tokenizer, num_beams=args.num_beams,
                           no_repeat_ngram_size=args.no_repeat_ngram_size,
                           overwrite=args.overwrite, metrics=metrics, corpus=args.corpus, license=args.license,
-                          dtype=args.dtype, max_shard_size=args.max_shard_size)
+                          dtype=args.dtype, max_shard_size=args.max_shard_size, average_last=args.average_last)
     print(f"exported {result.output_dir} ({result.num_parameters:,} parameters, "
           f"{result.activated_parameters:,} activated per token)")
     if args.push_to_hub:

@@ -233,12 +233,19 @@ def export_model(
     license: str | None = None,
     dtype: str = "fp32",
     max_shard_size: str | int = "5GB",
+    average_last: int = 1,
 ) -> ExportResult:
-    """1. every check that needs no weights  2. load the full model and tokenizer  3. write the folder."""
+    """1. every check that needs no weights  2. load the full model and tokenizer  3. write the folder.
+
+    `average_last=N > 1` exports the mean of the run's N newest checkpoints up to `checkpoint` (tools/average.py)."""
     from ..data.atomic import check_output_dir
+    from .average import average_checkpoints, checkpoints_to_average
 
     # 1.
     check_output_dir(str(output_dir), overwrite)
+    averaged = checkpoints_to_average(checkpoint, average_last) if average_last != 1 else None
+    if averaged:
+        checkpoint = averaged[-1]
     tokenizer_path = Path(tokenizer) if tokenizer else Path(checkpoint)
     if not (tokenizer_path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer.json in {tokenizer_path}; pass --tokenizer TOKDIR")
@@ -246,8 +253,13 @@ def export_model(
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(EXPORT_DTYPES)}")
     check_metrics(metrics)
     info = training_info(checkpoint, corpus)
+    if averaged:
+        names = [path.name for path in averaged]
+        info["derivation"] = [*info.get("derivation", []), {
+            "tool": "export --average-last", "summary": f"weights are the mean of {len(names)} checkpoints "
+            f"({', '.join(names)})", "checkpoints": names}]
     # 2.
-    model = load_trained_model(checkpoint)
+    model = average_checkpoints(averaged) if averaged else load_trained_model(checkpoint)
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
     generation = default_generation_config(model.config, num_beams=num_beams, no_repeat_ngram_size=no_repeat_ngram_size,
                                            max_new_tokens=min(256, model.config.max_position_embeddings - 1))
