@@ -26,7 +26,8 @@ def register(subparsers) -> None:
     merge = subparsers.add_parser("merge", help="Aggregation of Experts: models A B [C …] → one model with ΣE experts")
     merge.add_argument("paths", nargs="+", metavar="A B [C …] OUTPUT", help="input model folders, then the output")
     merge.add_argument("--shared", choices=["average", "first"], default="average",
-                       help="non-expert weights: averaged over the inputs, or the first input's")
+                       help="non-expert weights: averaged over the inputs (for branches of one trunk), or the first "
+                       "input's (for models trained from their own initialisations)")
     merge.add_argument("--overwrite", action="store_true")
     merge.set_defaults(func=run_merge)
 
