@@ -2,9 +2,10 @@
 
   pruning    keep ∈ {100 %, 50 %, 25 %, 1 expert} × {utilization, random, per-language} of a trained MoE:
              parameters, weight memory, peak memory, translation sentences/s, BLEU and chrF (test split)
-  aoe        Aggregation of Experts: models A and B (given, or trained here with seeds 0/1) merged; dev loss at
-             step 0 and after a short fine-tune, against a model with the merged number of experts trained from
-             scratch for the same total steps (A's + B's + the fine-tune)
+  aoe        Aggregation of Experts: models A and B (given, or trained here with seeds 0/1; with --aoe-branch-step S
+             B branches from A's step S) merged; dev loss at step 0 and after a short fine-tune, against a model
+             with the merged number of experts trained from scratch for the same total steps (A's + B's + the
+             fine-tune)
   upcycling  a dense model (given, or trained here) upcycled to an MoE and trained N more steps, against the dense
              model continued for the same N steps: dev loss and BLEU
 
@@ -60,6 +61,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--aoe-b", help="trained model B (default: train one here, seed 1)")
     parser.add_argument("--aoe-steps", type=int, default=1000, help="steps of A and B when trained here")
     parser.add_argument("--aoe-finetune-steps", type=int, default=200)
+    parser.add_argument("--aoe-branch-step", type=int, default=0, metavar="S",
+                        help="B continues A's checkpoint-S (optimizer and schedule included) with seed 1 instead of "
+                        "starting from its own initialisation: branch-train-merge, under which averaging the shared "
+                        "weights is sound (default 0: independent A and B)")
     parser.add_argument("--dense", help="trained dense model (default: train one here with sparse steps 0)")
     parser.add_argument("--dense-steps", type=int, default=1000, help="steps of the dense model when trained here")
     parser.add_argument("--upcycle-experts", type=int, default=8)
@@ -83,9 +88,10 @@ def cached(path: Path, compute):
     return result
 
 
-def train(args, name: str, *overrides: str) -> dict:
+def train(args, name: str, *overrides: str, branch_from: Path | None = None) -> dict:
     """One `hf-moe-mt train` run under WORK/runs/NAME (continued if interrupted, skipped when finished);
-    returns its summary (model_dir, global_step, ...)."""
+    returns its summary (model_dir, global_step, ...). `branch_from`: a checkpoint of another run that a new run
+    resumes from (its weights, optimizer, schedule and step), continued under this run's overrides."""
     from hf_moe_mt.training.checkpoints import last_complete_checkpoint
     from hf_moe_mt.training.config import load_train_config
     from hf_moe_mt.training.run import SUMMARY_FILE, run_training
@@ -98,8 +104,8 @@ def train(args, name: str, *overrides: str) -> dict:
     config = load_train_config(args.config, [f"data.corpus={args.corpus}", f"training.output_dir={output_dir}",
                                              *args.overrides, *(o for o in overrides if o)])
     resume = last_complete_checkpoint(str(output_dir)) is not None
-    print(f"[model_tools] training {name} ({'resumed' if resume else 'new'})", flush=True)
-    return run_training(config, resume=resume or None)
+    print(f"[model_tools] training {name} ({'resumed' if resume else 'branched' if branch_from else 'new'})", flush=True)
+    return run_training(config, resume=True if resume else str(branch_from) if branch_from else None)
 
 
 def steps_of(model_dir: str) -> int:
@@ -275,8 +281,8 @@ def shared_tokenizer(args) -> str:
 
 
 def aoe_section(args) -> dict:
-    """1. A and B  2. merged  3. merged + fine-tune, and the 2E model from scratch for A's + B's + F steps
-    4. dev loss of every model."""
+    """1. A and B (B from its own initialisation, or a branch of A's checkpoint)  2. merged  3. merged + fine-tune, and
+    the 2E model from scratch for A's + B's + F steps (a shared trunk counted once)  4. dev loss of every model."""
     from transformers import AutoConfig
 
     from hf_moe_mt.tools.merge import merge
@@ -284,28 +290,47 @@ def aoe_section(args) -> dict:
     work = Path(args.work_dir) / "aoe"
     tokenizer = f"data.tokenizer={shared_tokenizer(args)}" if not (args.aoe_a and args.aoe_b) else None
     # 1.
-    a = args.aoe_a or train(args, "aoe-a", f"training.max_steps={args.aoe_steps}", "training.seed=0", tokenizer)["model_dir"]
-    b = args.aoe_b or train(args, "aoe-b", f"training.max_steps={args.aoe_steps}", "training.seed=1", tokenizer)["model_dir"]
-    steps = steps_of(a) + steps_of(b)
+    branch = args.aoe_branch_step
+    if branch and (args.aoe_a or args.aoe_b or not 0 < branch < args.aoe_steps):
+        raise SystemExit(f"--aoe-branch-step {branch} trains A and B here: drop --aoe-a/--aoe-b and keep it between 0 "
+                         f"and --aoe-steps {args.aoe_steps}")
+    keep_branch_point = (f"training.save_steps={branch}", "training.save_total_limit=null") if branch else ()
+    a = args.aoe_a or train(args, "aoe-a", f"training.max_steps={args.aoe_steps}", "training.seed=0", tokenizer,
+                            *keep_branch_point)["model_dir"]
+    if branch:
+        trunk = Path(args.work_dir) / "runs" / "aoe-a" / f"checkpoint-{branch}"
+        if not trunk.is_dir():
+            raise SystemExit(f"{trunk} is missing: A was trained before with other save steps; remove "
+                             f"{trunk.parent} to retrain it")
+        b = train(args, f"aoe-b-branch{branch}", f"training.max_steps={args.aoe_steps}", "training.seed=1",
+                  tokenizer, branch_from=trunk)["model_dir"]
+        work = work / f"branch{branch}"
+    else:
+        b = args.aoe_b or train(args, "aoe-b", f"training.max_steps={args.aoe_steps}", "training.seed=1",
+                                tokenizer)["model_dir"]
+    steps = steps_of(a) + steps_of(b) - branch  # the shared trunk once
     # 2.
     merged = work / "merged"
     if not merged.exists():
         merge([a, b], merged)
     num_experts = AutoConfig.from_pretrained(merged).num_experts
     # 3.
-    finetuned = train(args, "aoe-merged-finetune", f"model.pretrained={merged}", "model.config={}",
+    suffix = f"-branch{branch}" if branch else ""
+    finetuned = train(args, f"aoe-merged-finetune{suffix}", f"model.pretrained={merged}", "model.config={}",
                       f"training.max_steps={args.aoe_finetune_steps}")["model_dir"]
-    scratch = train(args, "aoe-scratch", f"model.config.num_experts={num_experts}",
+    scratch = train(args, f"aoe-scratch{suffix}", f"model.config.num_experts={num_experts}",
                     f"training.max_steps={steps + args.aoe_finetune_steps}", "training.seed=0",
                     f"data.tokenizer={merged}")["model_dir"]
     # 4.
-    models = {"A": a, "B": b, "merged (step 0)": merged, f"merged + {args.aoe_finetune_steps} steps": finetuned,
+    models = {"A": a, f"B (A's step {branch} + {args.aoe_steps - branch} steps, seed 1)" if branch else "B": b,
+              "merged (step 0)": merged, f"merged + {args.aoe_finetune_steps} steps": finetuned,
               f"{num_experts} experts from scratch ({steps + args.aoe_finetune_steps} steps)": scratch}
     losses = {name: cached(work / f"dev-{index}.json", lambda path=path: dev_loss(args, path))["loss"]
               for index, (name, path) in enumerate(models.items())}
     return {"models": {name: str(path) for name, path in models.items()}, "dev_loss": losses,
             "steps": {"A": steps_of(a), "B": steps_of(b), "finetune": args.aoe_finetune_steps,
-                      "scratch": steps + args.aoe_finetune_steps}, "merged_experts": num_experts}
+                      "scratch": steps + args.aoe_finetune_steps}, "merged_experts": num_experts,
+            "branch_step": branch}
 
 
 # --------------------------------------------------------------------------- upcycling

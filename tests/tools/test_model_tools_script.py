@@ -60,6 +60,30 @@ def test_aoe_merges_two_models_trained_here_and_compares_with_scratch(results):
     assert (output / "aoe.png").read_bytes()[:8] == PNG
 
 
+def test_aoe_branch_resumes_a_from_its_checkpoint_and_counts_the_trunk_once(argv, tmp_path, monkeypatch):
+    import hf_moe_mt.training.run
+
+    module = load_script()
+    resumes = {}
+    real_run_training = hf_moe_mt.training.run.run_training
+
+    def recording(config, resume=None, **kwargs):
+        resumes[Path(config.output_dir).name] = resume
+        return real_run_training(config, resume=resume, **kwargs)
+
+    monkeypatch.setattr(hf_moe_mt.training.run, "run_training", recording)
+    branch_argv = [*argv, "--sections", "aoe", "--aoe-steps", "3", "--aoe-branch-step", "2",
+                   "--work-dir", str(tmp_path / "work"), "--output", str(tmp_path / "results")]
+    assert module.main(branch_argv) == 0
+    aoe = json.loads((tmp_path / "results" / "aoe.json").read_text())["result"]
+    trunk = tmp_path / "work" / "runs" / "aoe-a" / "checkpoint-2"
+    assert resumes["aoe-b-branch2"] == str(trunk) and resumes["aoe-a"] is None
+    assert aoe["branch_step"] == 2 and aoe["steps"] == {"A": 3, "B": 3, "finetune": 1, "scratch": 5}
+    assert "B (A's step 2 + 1 steps, seed 1)" in aoe["dev_loss"] and aoe["merged_experts"] == 8
+    with pytest.raises(SystemExit, match="--aoe-branch-step 3 trains A and B here"):
+        module.main([*branch_argv, "--aoe-branch-step", "3"])
+
+
 def test_upcycled_top2_model_starts_at_the_dense_models_dev_loss(results):
     output, result = results
     points = result["upcycling"]["points"]
