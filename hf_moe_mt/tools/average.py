@@ -11,14 +11,12 @@ is expert i of the next); integer buffers are taken from the newest checkpoint.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
 
+from ..training.checkpoints import checkpoint_step, checkpoints_by_step
 from .export import load_trained_model
-
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def checkpoints_to_average(checkpoint: str | os.PathLike, last: int) -> list[Path]:
@@ -29,15 +27,14 @@ def checkpoints_to_average(checkpoint: str | os.PathLike, last: int) -> list[Pat
     path = Path(checkpoint)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a checkpoint-N directory or a run directory")
-    match = _CHECKPOINT.match(path.name)
-    run_dir, newest = (path.parent, int(match.group(1))) if match else (path, None)
-    steps = sorted(int(m.group(1)) for m in map(_CHECKPOINT.match, os.listdir(run_dir)) if m)
-    steps = [step for step in steps if newest is None or step <= newest]
-    if len(steps) < last:
-        raise ValueError(f"--average-last {last} needs {last} checkpoints but {run_dir} has {len(steps)} "
-                         f"{'up to ' + path.name if match else 'checkpoint-N folders'}; lower it, or keep more "
-                         "checkpoints when training (training.save_total_limit)")
-    return [run_dir / f"checkpoint-{step}" for step in steps[-last:]]
+    newest = checkpoint_step(path)
+    run_dir = path.parent if newest is not None else path
+    folders = [Path(folder) for step, folder in checkpoints_by_step(run_dir).items() if newest is None or step <= newest]
+    if len(folders) < last:
+        raise ValueError(f"--average-last {last} needs {last} checkpoints but {run_dir} has {len(folders)} "
+                         f"{'up to ' + path.name if newest is not None else 'checkpoint-N folders'}; lower it, or "
+                         "keep more checkpoints when training (training.save_total_limit)")
+    return folders[-last:]
 
 
 def average_checkpoints(paths: list[str | os.PathLike]):

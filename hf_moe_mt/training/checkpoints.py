@@ -37,6 +37,7 @@ OPTIMIZER_FILE = "optimizer_ep_{ep_size:02d}_rank_{ep_rank:02d}.safetensors"
 _OPTIMIZER_FILE_PATTERN = re.compile(r"optimizer_ep_(\d+)_rank_(\d+)\.safetensors$")
 DEEPSPEED_EXPERT_FILE = "experts_ep_{ep_size:02d}_rank_{ep_rank:02d}.safetensors"  # deepspeed_ep.EXPERT_FILE
 _DEEPSPEED_EXPERT_FILE_PATTERN = re.compile(r"experts_ep_(\d+)_rank_(\d+)\.safetensors$")
+_CHECKPOINT_NAME = re.compile(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)")
 
 
 # --------------------------------------------------------------------------- atomic directories
@@ -57,7 +58,7 @@ def publish_directory(staging: str, final_dir: str) -> None:
     if not os.path.exists(final_dir):
         os.rename(staging, final_dir)
         return
-    if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", os.path.basename(os.path.normpath(final_dir))):
+    if checkpoint_step(final_dir) is not None:
         retired = staging + "-old"
         shutil.rmtree(retired, ignore_errors=True)
         os.rename(final_dir, retired)
@@ -79,6 +80,19 @@ def remove_stale_staging(output_dir: str) -> None:
     for name in os.listdir(output_dir):
         if name.startswith(STAGING_PREFIX + PREFIX_CHECKPOINT_DIR):
             shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+
+
+def checkpoint_step(path: str | os.PathLike) -> int | None:
+    """N of a folder named `checkpoint-N` (as transformers names them), else None."""
+    match = _CHECKPOINT_NAME.fullmatch(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def checkpoints_by_step(output_dir: str | os.PathLike) -> dict[int, str]:
+    """step → `checkpoint-N` folder of `output_dir`, oldest first (staged checkpoints never carry that name)."""
+    found = {step: os.path.join(output_dir, name) for name in os.listdir(output_dir)
+             if (step := checkpoint_step(name)) is not None and os.path.isdir(os.path.join(output_dir, name))}
+    return dict(sorted(found.items()))
 
 
 def last_complete_checkpoint(output_dir: str) -> str | None:

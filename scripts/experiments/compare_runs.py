@@ -50,11 +50,11 @@ def parse_runs(specs: list[str]) -> list[tuple[str, Path]]:
 
 
 def checkpoints(run_dir: Path) -> dict[int, Path]:
-    """step → complete checkpoint folder (staged checkpoints never carry the checkpoint-N name)."""
-    found = {}
-    for state in run_dir.glob("checkpoint-*/trainer_state.json"):
-        found[int(state.parent.name.rsplit("-", 1)[1])] = state.parent
-    return dict(sorted(found.items()))
+    """step → complete checkpoint folder that holds the Trainer's state (its dev evaluations)."""
+    from hf_moe_mt.training.checkpoints import checkpoints_by_step
+
+    folders = checkpoints_by_step(run_dir) if run_dir.is_dir() else {}
+    return {step: Path(folder) for step, folder in folders.items() if (Path(folder) / "trainer_state.json").is_file()}
 
 
 def training_seconds(state: dict) -> float | None:
