@@ -298,7 +298,7 @@ def aoe_section(args) -> dict:
     a = args.aoe_a or train(args, "aoe-a", f"training.max_steps={args.aoe_steps}", "training.seed=0", tokenizer,
                             *keep_branch_point)["model_dir"]
     if branch:
-        trunk = Path(args.work_dir) / "runs" / "aoe-a" / f"checkpoint-{branch}"
+        trunk = Path(a).parent / f"checkpoint-{branch}"  # A's run directory (A's model is RUN/model)
         if not trunk.is_dir():
             raise SystemExit(f"{trunk} is missing: A was trained before with other save steps; remove "
                              f"{trunk.parent} to retrain it")
