@@ -207,6 +207,17 @@ def dev_curve(output_dir: Path) -> list[dict]:
     return curve
 
 
+def logged_values(output_dir: Path, key: str) -> list[tuple[int, float]]:
+    """(step, value) of a training-log metric (e.g. `router/dropped_fraction`) from the last checkpoint's history."""
+    from hf_moe_mt.training.checkpoints import last_complete_checkpoint
+
+    checkpoint = last_complete_checkpoint(str(output_dir))
+    if checkpoint is None:
+        return []
+    history = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["log_history"]
+    return [(entry["step"], float(entry[key])) for entry in history if key in entry]
+
+
 def machine() -> dict:
     """The CPU model, core count and torch version the results were produced with."""
     import platform

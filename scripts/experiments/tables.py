@@ -29,22 +29,38 @@ def harness_table(results: dict) -> str:
     """One row per arm and seed: final dev loss, steps, training CPU minutes, test BLEU/chrF per pivot average."""
     runs = results["runs"]
     averages = sorted({name for run in runs for name in run["scores"].get("averages", {})})
-    header = ["arm", "seed", "steps", "dev loss", "train CPU min"] + [f"{m} {a}" for a in averages for m in ("BLEU", "chrF")]
+    drops = any("dropped_fraction" in run for run in runs)  # topk_capacity: what the capacity factor drops
+    header = (["arm", "seed", "steps", "dev loss", "train CPU min"] + (["dropped, last ¼"] if drops else [])
+              + [f"{m} {a}" for a in averages for m in ("BLEU", "chrF")])
     rows = []
     for run in runs:
         final = run["curve"][-1] if run["curve"] else {}
         cells = [run["label"], str(run["seed"]), str(final.get("step", "–")), _number(final.get("dev_loss"), 3),
                  _number(final["cpu"] / 60 if "cpu" in final else None, 1)]
+        if drops:
+            dropped = run.get("dropped_fraction")
+            cells.append("–" if dropped is None else f"{100 * dropped:.1f} %")
         for average in averages:
             scores = run["scores"].get("averages", {}).get(average, {})
             cells += [_number(scores.get("bleu")), _number(scores.get("chrf"))]
         rows.append(cells)
-    lines = [markdown(header, rows)]
+    lines = [markdown(header, rows), "", curve_table(runs)]
     extra = {key: value for key, value in results.items() if key.startswith("steps_to")}
     for key, value in extra.items():
         lines.append(f"\n{key}: " + ", ".join(f"{arm} {step if step is not None else 'not reached'}"
                                               for arm, step in value.items()))
     return "\n".join(lines)
+
+
+def curve_table(runs: list[dict]) -> str:
+    """Dev loss of every arm at every evaluated step (a step an arm did not evaluate shows –)."""
+    steps = sorted({point["step"] for run in runs for point in run["curve"] if point.get("dev_loss") is not None})
+    rows = []
+    for run in runs:
+        loss_at = {point["step"]: point.get("dev_loss") for point in run["curve"]}
+        label = run["label"] if len({r["seed"] for r in runs}) == 1 else f"{run['label']}, seed {run['seed']}"
+        rows.append([label, *(_number(loss_at.get(step), 3) for step in steps)])
+    return markdown(["dev loss at step", *(f"{step:,}" for step in steps)], rows)
 
 
 def pruning_table(section: dict) -> str:

@@ -8,7 +8,7 @@ second beside the quality (dev loss, test BLEU/chrF). Writes results/topk_capaci
   python scripts/experiments/topk_capacity.py --seeds 0,1 --steps 4000
 """
 
-from harness import Arm, Experiment, experiment_parser, plot_curves
+from harness import Arm, Experiment, experiment_parser, logged_values, plot_curves
 
 CAPACITIES = {"cf1.0": ["model.config.capacity_factor=1.0"], "cf1.25": ["model.config.capacity_factor=1.25"],
               "dropless": ["model.config.router_drop_tokens=false"]}
@@ -23,6 +23,10 @@ def main(argv=None) -> int:
     def with_training_time(arm, seed, data):
         run = experiment.run_arm(arm, seed, data)
         run["training_seconds"] = run["curve"][-1]["cpu"] if run["curve"] else None
+        # what the capacity does: the share of routed (token, expert) pairs dropped, over the last quarter of training
+        drops = logged_values(experiment.work_dir / f"{arm.name}-seed{seed}", "router/dropped_fraction")
+        late = [value for step, value in drops if step > 0.75 * args.steps] or [value for _, value in drops[-1:]]
+        run["dropped_fraction"] = sum(late) / len(late) if late else None
         return run
 
     runs = experiment.run_all(ARMS, with_training_time)["runs"]

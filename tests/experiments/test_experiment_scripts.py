@@ -43,15 +43,24 @@ def test_experiment_script_runs_every_arm_and_writes_results(name, fixture_data,
         profiles = {run["arm"]: run["drops_by_position"] for run in report["runs"]}
         assert all(len(profile) == 10 for profile in profiles.values())
         assert (tmp_path / "results" / name / "drops_by_position.png").is_file()
+    if name == "topk_capacity":  # the capacity's effect: dropless arms drop nothing, the others report a share
+        dropped = {run["arm"]: run["dropped_fraction"] for run in report["runs"]}
+        assert dropped["top1-dropless"] == dropped["top2-dropless"] == 0.0, dropped
+        assert all(0.0 <= value < 1.0 for value in dropped.values()), dropped
     if name == "moe_vs_dense":
         assert set(report["steps_to_dense_final_loss"]) == {"moe8-seed0", "moe16-seed0"}
     # docs/RESULTS.md quotes scripts/experiments/tables.py: one row per arm, with its final dev loss
     tables = subprocess.run([sys.executable, os.path.join(SCRIPTS, "tables.py"), "--results", str(tmp_path / "results"),
                              "--only", name], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert tables.returncode == 0, tables.stderr[-2000:]
-    rows = [line for line in tables.stdout.splitlines() if line.startswith("| ") and not line.startswith("| arm")]
-    assert len(rows) == len(EXPECTED_ARMS[name])
-    assert all(f"{run['curve'][-1]['dev_loss']:.3f}" in row for run, row in zip(report["runs"], rows))
+    summary, curves = [[line for line in block.splitlines() if line.startswith("| ")]
+                       for block in tables.stdout.split("\n\n")[1:3]]
+    assert summary[0].startswith("| arm") and len(summary) == len(EXPECTED_ARMS[name]) + 1
+    assert all(f"{run['curve'][-1]['dev_loss']:.3f}" in row for run, row in zip(report["runs"], summary[1:]))
+    # and the dev-loss curve of every arm, one column per evaluated step
+    assert curves[0].split("|")[2:4] == [" 1 ", " 2 "] and len(curves) == len(EXPECTED_ARMS[name]) + 1
+    for run, row in zip(report["runs"], curves[1:]):
+        assert row.split("|")[2:4] == [f" {point['dev_loss']:.3f} " for point in run["curve"]], run["arm"]
 
 
 def test_a_rerun_reads_finished_arms_back(fixture_data, tmp_path):
