@@ -190,20 +190,15 @@ class Experiment:
 
 def dev_curve(output_dir: Path) -> list[dict]:
     """[{step, dev_loss, wall, cpu}] from the last checkpoint's log history and the arm's timing log."""
-    from hf_moe_mt.training.checkpoints import last_complete_checkpoint
-
-    checkpoint = last_complete_checkpoint(str(output_dir))
-    if checkpoint is None:
+    evaluations = logged_values(output_dir, "eval_loss")
+    if not evaluations:
         return []
-    history = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["log_history"]
     timing = {line["step"]: line for line in read_jsonl(output_dir / TIMING_FILE)}
     curve = []
-    for entry in history:
-        if "eval_loss" in entry:
-            step = entry["step"]
-            known = [s for s in timing if s <= step]
-            at = timing[max(known)] if known else {"wall": 0.0, "cpu": 0.0}
-            curve.append({"step": step, "dev_loss": round(entry["eval_loss"], 5), "wall": at["wall"], "cpu": at["cpu"]})
+    for step, loss in evaluations:
+        known = [s for s in timing if s <= step]
+        at = timing[max(known)] if known else {"wall": 0.0, "cpu": 0.0}
+        curve.append({"step": step, "dev_loss": round(loss, 5), "wall": at["wall"], "cpu": at["cpu"]})
     return curve
 
 

@@ -55,10 +55,11 @@ def harness_table(results: dict) -> str:
 def curve_table(runs: list[dict]) -> str:
     """Dev loss of every arm at every evaluated step (a step an arm did not evaluate shows –)."""
     steps = sorted({point["step"] for run in runs for point in run["curve"] if point.get("dev_loss") is not None})
+    one_seed = len({run["seed"] for run in runs}) == 1
     rows = []
     for run in runs:
         loss_at = {point["step"]: point.get("dev_loss") for point in run["curve"]}
-        label = run["label"] if len({r["seed"] for r in runs}) == 1 else f"{run['label']}, seed {run['seed']}"
+        label = run["label"] if one_seed else f"{run['label']}, seed {run['seed']}"
         rows.append([label, *(_number(loss_at.get(step), 3) for step in steps)])
     return markdown(["dev loss at step", *(f"{step:,}" for step in steps)], rows)
 
