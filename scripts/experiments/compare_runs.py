@@ -19,8 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from harness import REPO, machine, plot_curves
-
+from harness import REPO, logged_values, machine, plot_curves
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -66,19 +65,16 @@ def training_seconds(state: dict) -> float | None:
 
 
 def dev_curve(run_dir: Path) -> list[dict]:
-    """[{step, dev_loss, wall?}]: every evaluation in the newest checkpoint's log history, with the training
+    """[{step, dev_loss, wall?}]: every evaluation in the last checkpoint's log history, with the training
     seconds where a checkpoint of that step recorded them."""
-    found = checkpoints(run_dir)
-    newest = json.loads((found[max(found)] / "trainer_state.json").read_text())
     seconds = {step: training_seconds(json.loads((path / "trainer_state.json").read_text()))
-               for step, path in found.items()}
+               for step, path in checkpoints(run_dir).items()}
     curve = []
-    for entry in newest["log_history"]:
-        if "eval_loss" in entry:
-            point = {"step": entry["step"], "dev_loss": round(entry["eval_loss"], 5)}
-            if seconds.get(entry["step"]) is not None:
-                point["wall"] = round(seconds[entry["step"]], 3)
-            curve.append(point)
+    for step, loss in logged_values(run_dir, "eval_loss"):
+        point = {"step": step, "dev_loss": round(loss, 5)}
+        if seconds.get(step) is not None:
+            point["wall"] = round(seconds[step], 3)
+        curve.append(point)
     return curve
 
 
