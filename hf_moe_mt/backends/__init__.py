@@ -13,6 +13,9 @@ makes the same model faster:
    keys unchanged; exactly F.linear off the CPU, under autocast and torch.compile).
 3. The experts run `cpu_experts.CpuExpertsKernel`: per-expert GEMMs on single-threaded worker threads (or,
    where the probe measured it faster, near-uniform groups as one padded batched GEMM).
+4. Where the probe measured it faster, inference GEMMs on oneDNN (translation, evaluation) read weights packed
+   once into oneDNN's blocked layout and kept (packed_weights.py: one more copy of those weights in memory
+   while translating; a training step drops them).
 Nothing of it is saved with the model; `disable_fast_cpu(model)` undoes it. The `hf-moe-mt` commands and the
 benchmark scripts call it; `HF_MOE_MT_CPU_GEMM=onednn|torch` forces a library, `=off` leaves models standard.
 Never imported by the model's own files.
@@ -30,33 +33,40 @@ torch.compile, under which the backend steps aside anyway (inductor picks its ow
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 from torch import nn
 
 from .cpu_experts import KERNELS as EXPERTS_KERNELS
 from .cpu_gemm import route_linear, routes_to_onednn
+from .packed_weights import forget_all as forget_packed_weights
 from .probe import ENV_OVERRIDE, GemmChoice, choose_gemm, cpu_count, cpu_model
 
 OFF = GemmChoice("off", "off", "override")
 _SAVED_KERNEL = "_kernel_without_backend"  # attribute on an experts module: its kernel before enable_fast_cpu
 
 
-def enable_fast_cpu(model: nn.Module, gemm: str = "auto") -> GemmChoice:
+def enable_fast_cpu(model: nn.Module, gemm: str = "auto", packed: bool | None = None) -> GemmChoice:
     """Apply the CPU backend to `model` (any model: every exact `nn.Linear` is routed, and every hf_moe_mt
     experts module gets the worker-thread kernel). `gemm`: "auto" (probe, or HF_MOE_MT_CPU_GEMM when set),
-    "onednn" or "torch". Returns the choice made; with HF_MOE_MT_CPU_GEMM=off and gemm "auto" it applies
-    nothing and returns `OFF`. Calling it again re-applies (e.g. after expert parallelism swapped experts)."""
+    "onednn" or "torch". `packed`: whether inference GEMMs on oneDNN read packed weights; None: where the
+    probe measured it faster (never under a `gemm` override, which sets the library only). Returns the choice
+    made; with HF_MOE_MT_CPU_GEMM=off and gemm "auto" it applies nothing and returns `OFF`. Calling it again
+    re-applies (e.g. after expert parallelism swapped experts)."""
     if gemm == "auto" and os.environ.get(ENV_OVERRIDE) == "off":
         disable_fast_cpu(model)
         return OFF
     choice = choose_gemm(gemm)
+    if packed is not None:
+        choice = replace(choice, linear_packed=packed and choice.linear == "onednn",
+                         experts_packed=packed and choice.experts == "onednn")
     for module in model.modules():
         if type(module) is nn.Linear:
-            route_linear(module, choice.linear == "onednn")
+            route_linear(module, choice.linear == "onednn", choice.linear_packed)
     for experts in experts_modules(model):
         if not hasattr(experts, _SAVED_KERNEL):
             setattr(experts, _SAVED_KERNEL, experts.implementation)
-        experts.implementation = EXPERTS_KERNELS[choice.experts, choice.experts_bmm]
+        experts.implementation = EXPERTS_KERNELS[choice.experts, choice.experts_bmm, choice.experts_packed]
     return choice
 
 
@@ -65,6 +75,7 @@ def disable_fast_cpu(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) is nn.Linear and routes_to_onednn(module):
             route_linear(module, False)
+    forget_packed_weights()
     for experts in experts_modules(model):
         if hasattr(experts, _SAVED_KERNEL):
             experts.implementation = getattr(experts, _SAVED_KERNEL)
@@ -84,4 +95,4 @@ def describe_machine() -> str:
 
 
 __all__ = ["GemmChoice", "OFF", "choose_gemm", "cpu_count", "cpu_model", "describe_machine", "disable_fast_cpu",
-           "enable_fast_cpu", "experts_modules"]
+           "enable_fast_cpu", "experts_modules", "forget_packed_weights"]

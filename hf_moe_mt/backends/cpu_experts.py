@@ -5,10 +5,11 @@ single-threaded worker threads (expert_threads.py), on the GEMM library the prob
 `GroupedExperts.implementation`; what it computes, keeps for the backward and returns is the loop kernel's.
 Its rule, fixed given the chosen library:
 1. not on the CPU: the model's "auto" kernel (nothing here is for GPUs);
-2. no autograd (translation): the loop's inference pass, both GEMMs of an expert on one worker;
+2. no autograd (translation): the loop's inference pass, both GEMMs of an expert on one worker, reading kept
+   blocked copies of the expert weights where the probe measured that faster (`packed`, packed_weights.py);
 3. training: where the probe measured one padded batched GEMM faster than the loop on uniform groups
    (`bmm_for_uniform_groups`), near-uniform groups (`moe_kernels.prefers_padded_bmm`) run as the padded bmm;
-   everything else runs the loop on the worker threads.
+   everything else runs the loop on the worker threads. A training call drops every kept packed copy first.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from .. import moe_kernels
 from ..moe_kernels import ExpertGemms, needs_autograd
+from . import packed_weights
 from .cpu_gemm import onednn_linear, onednn_weight_grad, takes_onednn
 from .expert_threads import for_each_expert
 
@@ -37,6 +39,9 @@ class OneDNNGemms(ThreadedGemms):
 
     name = "onednn"
 
+    def __init__(self, packed: bool = False):
+        self.packed = packed  # inference GEMMs (`ffn_into`) read kept blocked copies of the expert weights
+
     def linear_into(self, x, weight, bias, out) -> None:
         if takes_onednn(x, weight, bias):
             out.copy_(onednn_linear(x, weight, bias))
@@ -45,7 +50,8 @@ class OneDNNGemms(ThreadedGemms):
 
     def ffn_into(self, x, w1, b1, w2, b2, activation, out) -> None:
         if takes_onednn(x, w1, b1):
-            out.copy_(onednn_linear(onednn_linear(x, w1, b1, activation), w2, b2))
+            hidden = onednn_linear(x, w1, b1, activation, packed=self.packed)
+            out.copy_(onednn_linear(hidden, w2, b2, packed=self.packed))
         else:
             super().ffn_into(x, w1, b1, w2, b2, activation, out)
 
@@ -58,14 +64,18 @@ class OneDNNGemms(ThreadedGemms):
 
 
 class CpuExpertsKernel:
-    """An experts kernel (see the module docstring) for one GEMM library, "onednn" or "torch"."""
+    """An experts kernel (see the module docstring) for one GEMM library, "onednn" or "torch"; `packed`
+    (oneDNN only): inference reads kept blocked copies of the expert weights."""
 
-    def __init__(self, gemm: str, bmm_for_uniform_groups: bool = False):
+    def __init__(self, gemm: str, bmm_for_uniform_groups: bool = False, packed: bool = False):
         if gemm not in GEMM_LIBRARIES:
             raise ValueError(f"gemm={gemm!r} is not one of {GEMM_LIBRARIES}")
-        self.gemm, self.bmm_for_uniform_groups = gemm, bmm_for_uniform_groups
-        self.gemms = OneDNNGemms() if gemm == "onednn" else ThreadedGemms()
-        self.__name__ = f"cpu_threads_{gemm}" + ("_bmm" if bmm_for_uniform_groups else "")
+        if packed and gemm != "onednn":
+            raise ValueError("packed expert weights are oneDNN's: packed=True needs gemm='onednn'")
+        self.gemm, self.bmm_for_uniform_groups, self.packed = gemm, bmm_for_uniform_groups, packed
+        self.gemms = OneDNNGemms(packed) if gemm == "onednn" else ThreadedGemms()
+        self.__name__ = f"cpu_threads_{gemm}" + ("_bmm" if bmm_for_uniform_groups else "") + (
+            "_packed" if packed else "")
 
     def __repr__(self) -> str:
         return self.__name__
@@ -75,11 +85,14 @@ class CpuExpertsKernel:
             return moe_kernels.auto_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation)
         if not needs_autograd(x, w1, b1, w2, b2):  # 2.
             return moe_kernels.loop_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, self.gemms)
+        packed_weights.forget_all()  # 3.
         if self.bmm_for_uniform_groups and moe_kernels.prefers_padded_bmm(tokens_per_expert.tolist(), x.shape[0]):
             return moe_kernels.bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation)  # 3.
         return moe_kernels.loop_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, self.gemms)
 
 
-KERNELS = {(gemm, bmm): CpuExpertsKernel(gemm, bmm) for gemm in GEMM_LIBRARIES for bmm in (False, True)}
+KERNELS = {(gemm, bmm, packed): CpuExpertsKernel(gemm, bmm, packed)
+           for gemm in GEMM_LIBRARIES for bmm in (False, True) for packed in (False, True)
+           if gemm == "onednn" or not packed}
 
 __all__ = ["CpuExpertsKernel", "KERNELS", "OneDNNGemms", "ThreadedGemms"]

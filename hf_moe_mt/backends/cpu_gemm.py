@@ -20,6 +20,7 @@ from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
 from ..moe_kernels import needs_autograd
+from . import packed_weights
 
 # oneDNN post-op (name, algorithm) that computes each activation fused into the GEMM; same names as moe_kernels.
 FUSED_ACTIVATIONS = {"relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"),
@@ -71,16 +72,19 @@ def _pad_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  activation: str | None = None) -> torch.Tensor:
+                  activation: str | None = None, packed: bool = False) -> torch.Tensor:
     """`activation(x @ weight.T + bias)` in one oneDNN call, no autograd; only where `takes_onednn` holds.
     x's rows are padded to `bucketed_rows`; strided views (e.g. `weight.t()`) are read in place.
-    `activation`: None or a moe_kernels.ACTIVATIONS name."""
+    `activation`: None or a moe_kernels.ACTIVATIONS name. `packed`: read the weight's kept blocked copy
+    (packed_weights.py; inference only — the caller guarantees no training step runs before its next use)."""
     attr, algorithm = FUSED_ACTIVATIONS[activation] if activation else ("none", "")
     rows = x.reshape(-1, x.shape[-1])
     count = rows.shape[0]
+    if packed and packed_weights.packable(weight):
+        weight = packed_weights.packed(weight)
     out = torch.ops.mkldnn._linear_pointwise(_pad_rows(rows, bucketed_rows(count)), weight, bias, attr, [],
                                              algorithm)
-    return out[:count].view(*x.shape[:-1], weight.shape[0])
+    return out[:count].view(*x.shape[:-1], out.shape[-1])
 
 
 def onednn_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
@@ -118,26 +122,40 @@ class _OneDNNLinear(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear`, on oneDNN where it applies (with a oneDNN backward when a gradient is wanted)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           packed: bool = False) -> torch.Tensor:
+    """`F.linear`, on oneDNN where it applies (with a oneDNN backward when a gradient is wanted). `packed`:
+    without autograd, read the weight's kept blocked copy (packed_weights.py); a call with autograd (a
+    training step) drops every kept copy first, so no later inference reads one made before an update."""
+    if needs_autograd(x, weight, bias):
+        if not torch.compiler.is_compiling():  # (a compiled graph would not run it anyway)
+            packed_weights.forget_all()
+        return _OneDNNLinear.apply(x, weight, bias) if takes_onednn(x, weight, bias) else F.linear(x, weight, bias)
     if not takes_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
-    if needs_autograd(x, weight, bias):
-        return _OneDNNLinear.apply(x, weight, bias)
-    return onednn_linear(x, weight, bias)
+    return onednn_linear(x, weight, bias, packed=packed)
 
 
 def _onednn_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return linear(x, self.weight, self.bias)
 
 
-def route_linear(module: nn.Linear, on_onednn: bool) -> None:
+def _onednn_packed_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias, packed=True)
+
+
+_ONEDNN_FORWARDS = (_onednn_linear_forward, _onednn_packed_linear_forward)
+
+
+def route_linear(module: nn.Linear, on_onednn: bool, packed: bool = False) -> None:
     """Run this `nn.Linear` through `linear` (or back through its own forward), keeping its type, parameters
     and state-dict keys: the forward is replaced on the instance, as accelerate's hooks do (and under an
-    accelerate hook, the forward that hook calls). Bound to the module, so `copy.deepcopy` follows it."""
+    accelerate hook, the forward that hook calls). Bound to the module, so `copy.deepcopy` follows it.
+    `packed`: its inference GEMMs read a kept blocked copy of the weight (packed_weights.py)."""
     attribute = "_old_forward" if hasattr(module, "_hf_hook") else "forward"
     if on_onednn:
-        setattr(module, attribute, types.MethodType(_onednn_linear_forward, module))
+        forward = _onednn_packed_linear_forward if packed else _onednn_linear_forward
+        setattr(module, attribute, types.MethodType(forward, module))
     elif attribute == "forward":
         module.__dict__.pop("forward", None)
     else:
@@ -146,4 +164,4 @@ def route_linear(module: nn.Linear, on_onednn: bool) -> None:
 
 def routes_to_onednn(module: nn.Module) -> bool:
     forward = module.__dict__.get("_old_forward" if hasattr(module, "_hf_hook") else "forward")
-    return getattr(forward, "__func__", None) is _onednn_linear_forward
+    return getattr(forward, "__func__", None) in _ONEDNN_FORWARDS

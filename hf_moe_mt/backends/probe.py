@@ -13,7 +13,11 @@ Each product runs on both libraries, interleaved, best of `REPEATS` after a warm
 JIT compile). A use goes to oneDNN when the geometric mean of its oneDNN/torch time ratios is below
 `1 - MARGIN`; a tie stays with torch's default (one moving part less). Then one more comparison for the
 experts: `UNIFORM_GROUPS` equal groups of `GROUP_ROWS` rows as one padded batched GEMM (torch's) against the
-per-expert loop on the worker threads; where the batched GEMM wins by the margin, near-uniform groups use it. Cost: well under a second on 2 cores
+per-expert loop on the worker threads; where the batched GEMM wins by the margin, near-uniform groups use it.
+Last, for each use that went to oneDNN, decoding-size forwards (`DECODE_ROWS` rows for Linear layers,
+`EXPERT_DECODE_ROWS` for an expert; 512 → 2048 and back) with the weight packed once into oneDNN's blocked
+layout against the plain weight (packed_weights.py); where packed wins by the margin, inference GEMMs of that
+use read packed copies. Cost: well under a second on 2 cores
 (`GemmChoice.probe_seconds`), once per machine: the result is cached as JSON in `cache_dir()`, keyed by CPU
 model, family/model numbers, core count, thread count and torch version. Processes that start together
 (ranks of one job) take turns through a file lock, so the first one measures undisturbed and the others read.
@@ -39,6 +43,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
+from . import packed_weights
 from .cpu_gemm import onednn_available, onednn_linear, onednn_weight_grad
 
 logger = logging.getLogger(__name__)
@@ -47,9 +52,9 @@ ENV_OVERRIDE = "HF_MOE_MT_CPU_GEMM"
 CACHE_FILE = "cpu_gemm_probe.json"
 CHOICES = ("auto", "onednn", "torch")
 D_IN, D_OUT = 512, 2048
-LINEAR_ROWS, DECODE_ROWS, EXPERT_ROWS = 256, 64, 64
+LINEAR_ROWS, DECODE_ROWS, EXPERT_ROWS, EXPERT_DECODE_ROWS = 256, 64, 64, 16
 UNIFORM_GROUPS, GROUP_ROWS = 8, 32
-PROBE_VERSION = 2  # part of the cache key: a changed probe measures again
+PROBE_VERSION = 3  # part of the cache key: a changed probe measures again
 REPEATS = 7
 MARGIN = 0.05
 
@@ -62,6 +67,8 @@ class GemmChoice:
     experts: str
     source: str  # "probe", "cache", "override" or "unavailable" (torch built without oneDNN)
     experts_bmm: bool = False  # near-uniform expert groups as one padded batched GEMM (it measured faster)
+    linear_packed: bool = False  # inference GEMMs of oneDNN Linear layers read packed weights (measured faster)
+    experts_packed: bool = False  # the same for oneDNN expert GEMMs
     ratios: dict[str, float] = field(default_factory=dict)  # product -> oneDNN/torch (or bmm/loop) time, measured
     probe_seconds: float = 0.0
 
@@ -69,9 +76,11 @@ class GemmChoice:
         if self.linear == "off":
             return "CPU backend off: the model's standard kernels"
         measured = ", ".join(f"{name} {ratio:.2f}" for name, ratio in self.ratios.items())
-        detail = f"; time ratios oneDNN/torch, bmm/loop: {measured}" if measured else ""
+        detail = f"; time ratios oneDNN/torch, bmm/loop, packed/plain: {measured}" if measured else ""
         bmm = ", near-uniform groups as a padded bmm" if self.experts_bmm else ""
-        return f"Linear GEMMs: {self.linear}, expert GEMMs: {self.experts}{bmm} ({self.source}{detail})"
+        packed = lambda on: " (packed for inference)" if on else ""  # noqa: E731
+        return (f"Linear GEMMs: {self.linear}{packed(self.linear_packed)}, expert GEMMs: {self.experts}"
+                f"{packed(self.experts_packed)}{bmm} ({self.source}{detail})")
 
 
 def cpu_model() -> str:
@@ -212,7 +221,8 @@ def _write_cache(path: Path, entries: dict) -> None:
 
 def measure() -> GemmChoice:
     """1. every product on both libraries, each use decided  2. near-uniform expert groups: one padded batched
-    GEMM against the per-expert loop on the worker threads with the experts' library."""
+    GEMM against the per-expert loop on the worker threads with the experts' library  3. packed against plain
+    weights for decoding-size oneDNN forwards, per use that went to oneDNN."""
     start = time.perf_counter()
     # 1.
     ratios = {}
@@ -225,14 +235,27 @@ def measure() -> GemmChoice:
     # 2.
     best = _best_seconds("experts uniform groups", _uniform_groups_calls(decided["experts"]))
     ratios["experts uniform groups bmm/loop"] = best["bmm"] / best["loop"]
+    # 3.
+    packed = {}
+    for use, rows in (("linear", DECODE_ROWS), ("experts", EXPERT_DECODE_ROWS)):
+        packed[use] = False
+        if decided[use] == "onednn":
+            with _threads(1 if use == "experts" else torch.get_num_threads()):
+                measured = _packed_ratios(use, rows)
+            ratios.update(measured)
+            packed[use] = _geometric_mean(measured.values()) < 1 - MARGIN
     return GemmChoice(decided["linear"], decided["experts"], "probe",
-                      ratios["experts uniform groups bmm/loop"] < 1 - MARGIN,
+                      ratios["experts uniform groups bmm/loop"] < 1 - MARGIN, packed["linear"], packed["experts"],
                       {k: round(v, 3) for k, v in ratios.items()}, round(time.perf_counter() - start, 3))
 
 
 def _winner(ratios: list[float]) -> str:
-    geometric_mean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-    return "onednn" if geometric_mean < 1 - MARGIN else "torch"
+    return "onednn" if _geometric_mean(ratios) < 1 - MARGIN else "torch"
+
+
+def _geometric_mean(ratios) -> float:
+    ratios = list(ratios)
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
 
 
 def _best_seconds(name: str, calls: dict[str, Callable[[], object]]) -> dict[str, float]:
@@ -280,6 +303,20 @@ def _products() -> dict[str, dict[str, dict[str, Callable[[], object]]]]:
     products["linear"]["linear decode forward"] = {"torch": lambda: F.linear(decode, weight),
                                                    "onednn": lambda: onednn_linear(decode, weight)}
     return products
+
+
+def _packed_ratios(use: str, rows: int) -> dict[str, float]:
+    """Packed/plain time of oneDNN decoding-size forwards, 512 → 2048 and 2048 → 512 (`rows` rows)."""
+    gen = torch.Generator().manual_seed(0)
+    ratios = {}
+    for d_in, d_out in ((D_IN, D_OUT), (D_OUT, D_IN)):
+        x, weight = torch.randn(rows, d_in, generator=gen), torch.randn(d_out, d_in, generator=gen)
+        name = f"{use} decode {d_in}->{d_out} packed/plain"
+        best = _best_seconds(name, {"plain": lambda x=x, w=weight: onednn_linear(x, w),
+                                    "packed": lambda x=x, w=weight: onednn_linear(x, w, packed=True)})
+        ratios[name] = best["packed"] / best["plain"]
+    packed_weights.forget_all()  # the probe's copies
+    return ratios
 
 
 def _uniform_groups_calls(library: str) -> dict[str, Callable[[], object]]:

@@ -30,7 +30,7 @@ def _operands(counts, seed=0):
     (False, [4, 4, 4, 4], "threads_loop"), (False, [13, 1, 1, 1], "threads_loop"),
 ])
 def test_training_runs_the_kernel_of_the_rule(gemm, bmm, counts, expected, path_spy):
-    kernel = cpu_experts.KERNELS[gemm, bmm]
+    kernel = cpu_experts.KERNELS[gemm, bmm, False]
     assert kernel.__name__ == f"cpu_threads_{gemm}" + ("_bmm" if bmm else "")
     grouped_ffn(*_operands(counts), "relu", kernel).sum().backward()
     path_spy.assert_only("bmm" if expected == "bmm" else f"threads_{gemm}" if gemm == "onednn" else "threads_torch")
@@ -42,7 +42,7 @@ def test_without_autograd_every_kernel_runs_the_loops_inference_pass(path_spy, m
     calls, real = [], moe_kernels._inference_ffn
     monkeypatch.setattr(moe_kernels, "_inference_ffn", lambda *args: calls.append(1) or real(*args))
     with torch.no_grad():
-        grouped_ffn(*_operands([4, 4, 4, 4]), "relu", cpu_experts.KERNELS["torch", True])
+        grouped_ffn(*_operands([4, 4, 4, 4]), "relu", cpu_experts.KERNELS["torch", True, False])
     assert calls == [1] and path_spy.padded == 0 and path_spy.threads == 1
 
 
@@ -76,7 +76,7 @@ def test_off_the_cpu_the_kernel_is_the_models_auto(monkeypatch):
     seen = []
     monkeypatch.setattr(moe_kernels, "auto_kernel", lambda x, *args: seen.append(x.device.type) or x)
     x = torch.randn(4, D, device="meta")
-    out = cpu_experts.KERNELS["onednn", False](x, torch.tensor([4]), *_operands([4])[2:], "relu")
+    out = cpu_experts.KERNELS["onednn", False, False](x, torch.tensor([4]), *_operands([4])[2:], "relu")
     assert seen == ["meta"] and out is x
 
 
@@ -84,7 +84,7 @@ def test_results_equal_the_standard_loop_on_uneven_groups():
     operands = _operands([5, 0, 9, 3])
     grad = torch.randn(17, D)
     results = []
-    for kernel in ("loop", cpu_experts.KERNELS["torch", True], cpu_experts.KERNELS["onednn", False]):
+    for kernel in ("loop", cpu_experts.KERNELS["torch", True, False], cpu_experts.KERNELS["onednn", False, False]):
         copies = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in operands]
         out = grouped_ffn(*copies, "gelu", kernel)
         out.backward(grad)

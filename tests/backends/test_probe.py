@@ -20,14 +20,19 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / probe.CACHE_FILE
 
 
-def fake_timer(monkeypatch, onednn_seconds: dict[str, float], bmm_seconds: float = 2.0):
-    """Each call on torch's library (and the per-expert loop) takes 1 s, on oneDNN `onednn_seconds[use]`, the
-    padded bmm `bmm_seconds`; records every timed call."""
+def fake_timer(monkeypatch, onednn_seconds: dict[str, float], bmm_seconds: float = 2.0,
+               packed_seconds: dict[str, float] | None = None):
+    """Each call on torch's library (and the per-expert loop, and oneDNN with a plain weight in the packed
+    comparison) takes 1 s, on oneDNN `onednn_seconds[use]`, the padded bmm `bmm_seconds`, a packed weight
+    `packed_seconds[use]` (default 2 s: slower); records every timed call."""
     calls = []
+    packed_seconds = packed_seconds or {"linear": 2.0, "experts": 2.0}
 
     def seconds(name, candidate, call):
         calls.append(candidate)
-        return {"onednn": onednn_seconds[name.split()[0]], "bmm": bmm_seconds}.get(candidate, 1.0)
+        use = name.split()[0]
+        return {"onednn": onednn_seconds[use], "bmm": bmm_seconds,
+                "packed": packed_seconds.get(use)}.get(candidate, 1.0)
 
     monkeypatch.setattr(probe, "_seconds", seconds)
     return calls
@@ -40,9 +45,27 @@ def test_each_use_goes_to_the_library_that_measured_faster(linear, experts, cach
     assert choice.source == "probe"
     assert choice.linear == ("onednn" if linear < 0.95 else "torch")
     assert choice.experts == ("onednn" if experts < 0.95 else "torch")  # within the 5 % margin: torch's default
-    assert len(calls) == (PRODUCTS + 1) * 2 * (probe.REPEATS + 1)  # the probe's whole cost: a fixed number of GEMMs
+    # the probe's whole cost, a fixed number of GEMMs: every product, the bmm/loop pair, and two packed/plain
+    # pairs per use that went to oneDNN
+    on_onednn = (linear < 0.95) + (experts < 0.95)
+    assert len(calls) == (PRODUCTS + 1 + 2 * on_onednn) * 2 * (probe.REPEATS + 1)
     assert choice.ratios["linear dW"] == pytest.approx(linear) and choice.ratios["experts dx"] == pytest.approx(experts)
-    assert not choice.experts_bmm
+    assert not choice.experts_bmm and not choice.linear_packed and not choice.experts_packed
+
+
+@pytest.mark.parametrize("linear,experts", [(0.5, 0.5), (2.0, 0.5), (0.5, 2.0)])
+@pytest.mark.parametrize("packed_seconds", [0.7, 0.97])
+def test_inference_reads_packed_weights_only_on_onednn_where_they_measured_faster(linear, experts, packed_seconds,
+                                                                                   cache, monkeypatch):
+    fake_timer(monkeypatch, {"linear": linear, "experts": experts}, packed_seconds={"linear": packed_seconds,
+                                                                                      "experts": packed_seconds})
+    choice = probe.choose_gemm()
+    faster = packed_seconds < 0.95  # within the 5 % margin: plain weights
+    assert choice.linear_packed == (choice.linear == "onednn" and faster)
+    assert choice.experts_packed == (choice.experts == "onednn" and faster)
+    measured = {name.split()[0] for name in choice.ratios if name.endswith("packed/plain")}
+    assert measured == {use for use in ("linear", "experts") if getattr(choice, use) == "onednn"}
+    assert ("packed for inference" in choice.describe()) == (choice.linear_packed or choice.experts_packed)
 
 
 @pytest.mark.parametrize("bmm_seconds,uses_bmm", [(0.5, True), (0.97, False), (1.5, False)])
@@ -118,6 +141,7 @@ def test_the_real_probe_is_short_and_records_its_cost(cache):
     """One real measurement on this machine (no fake timer): every product measured, its cost recorded."""
     choice = probe.choose_gemm()
     assert choice.source == "probe" and choice.linear in ("onednn", "torch") and choice.experts in ("onednn", "torch")
-    assert len(choice.ratios) == PRODUCTS + 1 and all(ratio > 0 for ratio in choice.ratios.values())
+    on_onednn = (choice.linear == "onednn") + (choice.experts == "onednn")
+    assert len(choice.ratios) == PRODUCTS + 1 + 2 * on_onednn and all(ratio > 0 for ratio in choice.ratios.values())
     assert 0 < choice.probe_seconds < 30  # well under a second on a quiet 2-core machine; CI shares its cores
-    assert "time ratios oneDNN/torch, bmm/loop" in choice.describe()
+    assert "time ratios oneDNN/torch, bmm/loop, packed/plain" in choice.describe()
