@@ -357,6 +357,7 @@ def measure_point(args, k: int, num_experts: int) -> list[Row]:
         for i in range(len(rows)):
             row = rows[(rep + i) % len(rows)]
             elapsed = _timed(lambda: row.step(x, grad_out), args.device)
+            row.clear_grads(x)  # untimed: no row keeps its expert gradients while the others run (memory)
             if rep >= args.warmup:
                 row.times_ms.append(elapsed * 1e3)
     if args.profile:
