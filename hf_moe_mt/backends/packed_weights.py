@@ -2,15 +2,17 @@
 
 Why: `_linear_pointwise` with a plain weight reorders that weight into oneDNN's blocked layout on every call.
 At decoding sizes (tens of rows against a 512×2048 expert or a 32k-word LM head) the reorder costs as much as
-the product; done once per weight and kept, beam-search decoding measured 1.15× faster on an AMD EPYC. The
-probe (probe.py) measures packed against plain on the machine at hand and the backend packs only where it won.
+the product; done once per weight and kept, beam-search decoding measured 1.07-1.14× faster on an AMD EPYC
+(expert GEMMs 1.4×). The probe (probe.py) measures packed against plain on the machine at hand and the backend
+packs only where it won.
 
 Only inference GEMMs use it (no autograd: translation, evaluation); a training step never reads a packed copy,
 and every one resets the store (`forget_all`), so weights updated by an optimizer step — in place, or through
 `.data` where the version counter does not see it — are packed afresh for the next translation. Within
 inference a copy is reused only while its weight is the same tensor (weakref), at the same address and version
-(`load_state_dict`, `copy_` and in-place updates bump it). Memory: one more copy of every packed weight while
-the store holds it; `forget_all()` frees them.
+(`load_state_dict`, `copy_` and in-place updates bump it). Not seen: a write through `.data` between two
+translations with no training step in between — call `forget_all()` after one. Memory: one more copy of every
+packed weight while the store holds it; `forget_all()` frees them.
 """
 
 from __future__ import annotations
