@@ -11,8 +11,8 @@ and every one resets the store (`forget_all`), so weights updated by an optimize
 `.data` where the version counter does not see it — are packed afresh for the next translation. Within
 inference a copy is reused only while its weight is the same tensor (weakref), at the same address and version
 (`load_state_dict`, `copy_` and in-place updates bump it). Not seen: a write through `.data` between two
-translations with no training step in between — call `forget_all()` after one. Memory: one more copy of every
-packed weight while the store holds it; `forget_all()` frees them.
+translations with no training step in between; call `hf_moe_mt.backends.forget_packed_weights()` after one.
+Memory: one more copy of every packed weight while the store holds it; `forget_all()` frees them.
 """
 
 from __future__ import annotations
