@@ -39,6 +39,7 @@ from torch import nn
 
 from .cpu_experts import KERNELS as EXPERTS_KERNELS
 from .cpu_gemm import route_linear, routes_to_onednn
+from . import packed_weights
 from .packed_weights import forget_all as forget_packed_weights
 from .probe import ENV_OVERRIDE, GemmChoice, choose_gemm, cpu_count, cpu_model
 
@@ -75,7 +76,7 @@ def disable_fast_cpu(model: nn.Module) -> None:
     for module in model.modules():
         if type(module) is nn.Linear and routes_to_onednn(module):
             route_linear(module, False)
-    forget_packed_weights()
+    packed_weights.forget(model.parameters())
     for experts in experts_modules(model):
         if hasattr(experts, _SAVED_KERNEL):
             experts.implementation = getattr(experts, _SAVED_KERNEL)

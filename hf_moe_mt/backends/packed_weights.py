@@ -64,6 +64,16 @@ def _drop(dead: weakref.ref) -> None:
                 del _store[key]
 
 
+def forget(tensors) -> None:
+    """Drop the packed copies of these tensors only (other models' copies stay)."""
+    with _lock:
+        for tensor in tensors:
+            base = tensor if tensor._base is None else tensor._base
+            entry = _store.get(id(base))
+            if entry is not None and entry[0]() is base:
+                del _store[id(base)]
+
+
 def forget_all() -> None:
     """Drop every packed copy (a training step is about to change weights; or to free their memory)."""
     if _store:

@@ -308,14 +308,15 @@ def _products() -> dict[str, dict[str, dict[str, Callable[[], object]]]]:
 def _packed_ratios(use: str, rows: int) -> dict[str, float]:
     """Packed/plain time of oneDNN decoding-size forwards, 512 → 2048 and 2048 → 512 (`rows` rows)."""
     gen = torch.Generator().manual_seed(0)
-    ratios = {}
+    ratios, weights = {}, []
     for d_in, d_out in ((D_IN, D_OUT), (D_OUT, D_IN)):
         x, weight = torch.randn(rows, d_in, generator=gen), torch.randn(d_out, d_in, generator=gen)
         name = f"{use} decode {d_in}->{d_out} packed/plain"
         best = _best_seconds(name, {"plain": lambda x=x, w=weight: onednn_linear(x, w),
                                     "packed": lambda x=x, w=weight: onednn_linear(x, w, packed=True)})
         ratios[name] = best["packed"] / best["plain"]
-    packed_weights.forget_all()  # the probe's copies
+        weights.append(weight)
+    packed_weights.forget(weights)  # the probe's copies, not those of a model already translating
     return ratios
 
 

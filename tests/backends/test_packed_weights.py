@@ -115,6 +115,19 @@ def test_freed_weights_and_disable_free_their_copies():
     assert packed_weights.packed_count() == 0
 
 
+def test_disable_frees_only_that_models_copies():
+    batch = random_batch()
+    first, second = packed_model(), packed_model()
+    with torch.no_grad():
+        first(**batch)
+        second(**batch)
+    both = packed_weights.packed_count()
+    disable_fast_cpu(first)
+    assert 0 < packed_weights.packed_count() == both // 2
+    packed_weights.forget(second.parameters())
+    assert packed_weights.packed_count() == 0
+
+
 def test_without_packing_nothing_is_kept():
     model = make_model(num_experts_per_tok=2)
     choice = enable_fast_cpu(model, gemm="onednn", packed=False)
