@@ -2,8 +2,8 @@
 losses → embeddings → attention → dense FFN → sparse FFN (`hf_moe_mt.moe.SparseMoE`) → encoder/decoder
 layers → stacks → `MoEMTModel` → `MoEMTForConditionalGeneration` (loss assembly, dropless `generate`).
 
-Travels as Hub remote code: imports only torch, transformers and flat siblings (`.configuration_moe_mt`, `.moe`,
-`.moe_kernels`); never data/, training/, tools/, parallel.py or backends/. Expert parallelism and CPU speed backends are
+Travels as Hub remote code: imports only torch, transformers and flat siblings (`.configuration_moe_mt`,
+`.generation_moe_mt`, `.moe`, `.moe_kernels`); never data/, training/, tools/, parallel.py or backends/. Expert parallelism and CPU speed backends are
 applied from outside; every projection is a plain `nn.Linear`.
 Legend: B batch, S source length, L target length, D d_model, F ffn size, E experts, V vocabulary.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationMixin, LogitsProcessorList, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache, EncoderDecoderCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
@@ -31,6 +31,7 @@ from transformers.utils.generic import can_return_tuple, merge_with_config_defau
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_moe_mt import MoEMTConfig
+from .generation_moe_mt import ngram_repeat_limit
 from .moe import GroupedExperts, RouterInfo, SparseMoE, TopKRouter
 from .moe_kernels import activation_forward
 
@@ -856,10 +857,16 @@ class MoEMTForConditionalGeneration(MoEMTPreTrainedModel, GenerationMixin):
         model_fields = {key: value for key, value in outputs.items() if key not in skipped}
         return MoEMTSeq2SeqLMOutput(loss=loss, logits=logits, **model_fields)
 
-    def generate(self, *args, **kwargs):
-        """`GenerationMixin.generate`, with every MoE layer dropless when `config.router_dropless_generation`."""
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, **kwargs):
+        """`GenerationMixin.generate`, with every MoE layer dropless when `config.router_dropless_generation`, and
+        the n-gram repeat limit (`max_ngram_repeats`, `ngram_repeat_size`: generation_moe_mt.py) added to the
+        logits processors when the call or the generation config asks for it."""
+        limit = ngram_repeat_limit(kwargs, *(c for c in (generation_config, self.generation_config) if c is not None))
+        if limit is not None:
+            logits_processor = LogitsProcessorList([*(logits_processor or []), limit])
         with dropless_routing(self) if self.config.router_dropless_generation else nullcontext():
-            return super().generate(*args, **kwargs)
+            return super().generate(inputs, generation_config=generation_config, logits_processor=logits_processor,
+                                    **kwargs)
 
 
 MoEMTModel.register_for_auto_class("AutoModel")

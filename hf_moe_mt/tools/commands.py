@@ -16,8 +16,12 @@ def register(subparsers) -> None:
                         help="export the mean weights of the run's N newest checkpoints up to --checkpoint "
                         "(a checkpoint-K folder or the run directory); default 1: no averaging")
     export.add_argument("--num-beams", type=int, default=4, help="default beams in generation_config.json")
-    export.add_argument("--no-repeat-ngram-size", type=int, default=3,
-                        help="default in generation_config.json: no word n-gram twice in a translation (0: off)")
+    export.add_argument("--max-ngram-repeats", type=int, default=2,
+                        help="default in generation_config.json: no word-piece 3-gram more than this many times in a "
+                        "translation, the loop guard (0: off)")
+    export.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                        help="default in generation_config.json: transformers' stricter guard, no n-gram of this size "
+                        "twice (0: off)")
     export.add_argument("--metrics", help="evaluation.json from `hf-moe-mt evaluate`: model-index + table in the card")
     export.add_argument("--corpus", help="corpus the model was trained on, for the card's training-data section "
                         "(default: the one of the training run around --checkpoint)")
@@ -73,7 +77,7 @@ def run_export(args) -> int:
     if args.private and not args.push_to_hub:
         raise ValueError("--private applies to --push-to-hub REPO; add the repository to push to")
     result = export_model(args.checkpoint, args.output, args.tokenizer, num_beams=args.num_beams,
-                          no_repeat_ngram_size=args.no_repeat_ngram_size,
+                          max_ngram_repeats=args.max_ngram_repeats, no_repeat_ngram_size=args.no_repeat_ngram_size,
                           overwrite=args.overwrite, metrics=metrics, corpus=args.corpus, license=args.license,
                           dtype=args.dtype, max_shard_size=args.max_shard_size, average_last=args.average_last)
     print(f"exported {result.output_dir} ({result.num_parameters:,} parameters, "

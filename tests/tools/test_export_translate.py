@@ -10,8 +10,8 @@ from hf_moe_mt.cli import main as cli_main
 from hf_moe_mt.tools.export import export_model, parameter_counts
 from hf_moe_mt.tools.translate import corpus_bleu, load_translator, translate
 
-REMOTE_CODE_FILES = ("configuration_moe_mt.py", "modeling_moe_mt.py", "moe.py", "moe_kernels.py", "pipeline_moe_mt.py",
-                     "tokenization_moe_mt.py")
+REMOTE_CODE_FILES = ("configuration_moe_mt.py", "generation_moe_mt.py", "modeling_moe_mt.py", "moe.py", "moe_kernels.py",
+                     "pipeline_moe_mt.py", "tokenization_moe_mt.py")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,9 @@ def test_export_writes_weights_code_tokenizer_generation_config_and_card(exporte
     assert config["auto_map"]["AutoModelForSeq2SeqLM"] == "modeling_moe_mt.MoEMTForConditionalGeneration"
     generation = json.loads((folder / "generation_config.json").read_text())
     assert generation["num_beams"] == 4 and generation["decoder_start_token_id"] == config["eos_token_id"]
-    assert generation["no_repeat_ngram_size"] == 3  # the loop guard a small model needs
+    # the loop guard a small model needs: each word-piece 3-gram at most twice (no_repeat_ngram_size forbids a second)
+    assert generation["max_ngram_repeats"] == 2 and generation["ngram_repeat_size"] == 3
+    assert "no_repeat_ngram_size" not in generation
     card = (folder / "README.md").read_text()
     assert "pipeline_tag: translation" in card and "bleu_de_en | 1.5" in card
     assert f"{exported.num_parameters:,}" in card and "- de" in card

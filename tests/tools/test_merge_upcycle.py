@@ -178,8 +178,9 @@ def test_upcycled_model_equals_the_dense_model_at_initialisation(source, request
     assert expected.abs().mean() > 0.1  # a model whose logits mean something
     torch.testing.assert_close(logits(upcycled), expected, rtol=0, atol=1e-5)
     # The same search for both: an upcycled M2M100 gets this package's generation defaults (the n-gram guard).
-    generated = [m.generate(input_ids=INPUT_IDS[:1], num_beams=2, max_new_tokens=6, forced_bos_token_id=5,
-                            no_repeat_ngram_size=0) for m in (dense.eval(), upcycled.eval())]
+    search = {"input_ids": INPUT_IDS[:1], "num_beams": 2, "max_new_tokens": 6, "forced_bos_token_id": 5,
+              "no_repeat_ngram_size": 0}
+    generated = [dense.eval().generate(**search), upcycled.eval().generate(**search, max_ngram_repeats=0)]
     assert torch.equal(*generated)
     assert AutoTokenizer.from_pretrained(tmp_path / "moe").get_vocab() == AutoTokenizer.from_pretrained(
         source_dir).get_vocab()  # tokenizer carried over
