@@ -36,7 +36,7 @@ def packable(weight: torch.Tensor) -> bool:
 
 def packed(weight: torch.Tensor) -> torch.Tensor:
     """The packed copy of `weight` (see `packable`), made now or reused; for inference GEMMs only."""
-    base = weight if weight._base is None else weight._base
+    base = _base_of(weight)
     slot = (weight.storage_offset(), tuple(weight.shape), weight.dtype)
     with _lock:
         entry = _store.get(id(base))
@@ -49,6 +49,11 @@ def packed(weight: torch.Tensor) -> torch.Tensor:
         copy = _pack(weight.detach())
         entry[1][slot] = (weight.data_ptr(), weight._version, copy)
         return copy
+
+
+def _base_of(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor that owns a view's storage: copies are kept per owner (an expert's slice shares its 3-D owner)."""
+    return tensor if tensor._base is None else tensor._base
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -68,7 +73,7 @@ def forget(tensors) -> None:
     """Drop the packed copies of these tensors only (other models' copies stay)."""
     with _lock:
         for tensor in tensors:
-            base = tensor if tensor._base is None else tensor._base
+            base = _base_of(tensor)
             entry = _store.get(id(base))
             if entry is not None and entry[0]() is base:
                 del _store[id(base)]
