@@ -13,6 +13,8 @@ Set in `generation_config.json` (`max_ngram_repeats`, `ngram_repeat_size`) or pe
 import torch
 from transformers import LogitsProcessor
 
+DEFAULT_NGRAM_SIZE = 3  # word-piece trigrams: the length of the loops seen ("the land of the land of ...")
+
 
 class NGramRepeatLimitLogitsProcessor(LogitsProcessor):
     """Forbid the token that would make an n-gram of the sequence so far occur more than `max_repeats` times.
@@ -47,7 +49,7 @@ def ngram_repeat_limit(generate_kwargs: dict, *generation_configs) -> NGramRepea
     """The processor asked for by `generate` kwargs (taken out of them), else by the first generation config that
     sets it (the one passed to `generate`, then the model's); None when `max_ngram_repeats` is unset or 0."""
     settings = {}
-    for name, default in (("max_ngram_repeats", None), ("ngram_repeat_size", 3)):
+    for name, default in (("max_ngram_repeats", None), ("ngram_repeat_size", DEFAULT_NGRAM_SIZE)):
         if name in generate_kwargs:
             settings[name] = generate_kwargs.pop(name)
         else:
@@ -55,7 +57,8 @@ def ngram_repeat_limit(generate_kwargs: dict, *generation_configs) -> NGramRepea
                                   default)
     if not settings["max_ngram_repeats"]:
         return None
-    return NGramRepeatLimitLogitsProcessor(settings["ngram_repeat_size"] or 3, settings["max_ngram_repeats"])
+    return NGramRepeatLimitLogitsProcessor(settings["ngram_repeat_size"] or DEFAULT_NGRAM_SIZE,
+                                           settings["max_ngram_repeats"])
 
 
-__all__ = ["NGramRepeatLimitLogitsProcessor", "ngram_repeat_limit"]
+__all__ = ["DEFAULT_NGRAM_SIZE", "NGramRepeatLimitLogitsProcessor", "ngram_repeat_limit"]

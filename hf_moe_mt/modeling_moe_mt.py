@@ -3,8 +3,8 @@ losses → embeddings → attention → dense FFN → sparse FFN (`hf_moe_mt.moe
 layers → stacks → `MoEMTModel` → `MoEMTForConditionalGeneration` (loss assembly, dropless `generate`).
 
 Travels as Hub remote code: imports only torch, transformers and flat siblings (`.configuration_moe_mt`,
-`.generation_moe_mt`, `.moe`, `.moe_kernels`); never data/, training/, tools/, parallel.py or backends/. Expert parallelism and CPU speed backends are
-applied from outside; every projection is a plain `nn.Linear`.
+`.generation_moe_mt`, `.moe`, `.moe_kernels`); never data/, training/, tools/, parallel.py or backends/. Expert
+parallelism and CPU speed backends are applied from outside; every projection is a plain `nn.Linear`.
 Legend: B batch, S source length, L target length, D d_model, F ffn size, E experts, V vocabulary.
 """
 

@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, GenerationConfig
 
 from ..configuration_moe_mt import MoEMTConfig
+from ..generation_moe_mt import DEFAULT_NGRAM_SIZE
 from ..modeling_moe_mt import MoEMTForConditionalGeneration
 from ..moe import SparseMoE
 from ..pipeline_moe_mt import MoEMTTranslationPipeline
@@ -146,7 +147,8 @@ def default_generation_config(config: MoEMTConfig, num_beams: int = 4, max_new_t
         eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
         num_beams=num_beams, max_new_tokens=max_new_tokens, early_stopping=True,
         no_repeat_ngram_size=no_repeat_ngram_size or None,
-        **({"max_ngram_repeats": max_ngram_repeats, "ngram_repeat_size": 3} if max_ngram_repeats else {}),
+        **({"max_ngram_repeats": max_ngram_repeats, "ngram_repeat_size": DEFAULT_NGRAM_SIZE} if max_ngram_repeats
+           else {}),
     )
 
 

@@ -16,7 +16,8 @@ from hf_moe_mt import MoEMTForConditionalGeneration
 
 from .conftest import make_model, random_batch
 
-REMOTE_CODE_FILES = {"configuration_moe_mt.py", "generation_moe_mt.py", "modeling_moe_mt.py", "moe.py", "moe_kernels.py"}
+REMOTE_CODE_FILES = {"configuration_moe_mt.py", "generation_moe_mt.py", "modeling_moe_mt.py", "moe.py",
+                     "moe_kernels.py"}
 
 
 @pytest.mark.parametrize("tie_word_embeddings", [True, False])

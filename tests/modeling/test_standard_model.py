@@ -36,7 +36,8 @@ def test_remote_code_imports_only_flat_siblings_and_no_private_ops_or_threads(tm
     model = make_model()
     model.save_pretrained(tmp_path)
     remote = sorted(name for name in os.listdir(tmp_path) if name.endswith(".py"))
-    assert remote == ["configuration_moe_mt.py", "generation_moe_mt.py", "modeling_moe_mt.py", "moe.py", "moe_kernels.py"]
+    assert remote == ["configuration_moe_mt.py", "generation_moe_mt.py", "modeling_moe_mt.py", "moe.py",
+                      "moe_kernels.py"]
     for name in remote:
         tree = ast.parse((tmp_path / name).read_text())
         private = {node.attr for node in ast.walk(tree) if isinstance(node, ast.Attribute)} & PRIVATE_OPS

@@ -10,8 +10,8 @@ from hf_moe_mt.cli import main as cli_main
 from hf_moe_mt.tools.export import export_model, parameter_counts
 from hf_moe_mt.tools.translate import corpus_bleu, load_translator, translate
 
-REMOTE_CODE_FILES = ("configuration_moe_mt.py", "generation_moe_mt.py", "modeling_moe_mt.py", "moe.py", "moe_kernels.py",
-                     "pipeline_moe_mt.py", "tokenization_moe_mt.py")
+REMOTE_CODE_FILES = ("configuration_moe_mt.py", "generation_moe_mt.py", "modeling_moe_mt.py", "moe.py",
+                     "moe_kernels.py", "pipeline_moe_mt.py", "tokenization_moe_mt.py")
 
 
 @pytest.fixture(scope="module")
