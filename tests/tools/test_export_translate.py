@@ -39,6 +39,12 @@ def test_export_writes_weights_code_tokenizer_generation_config_and_card(exporte
     assert not list(folder.parent.glob(".model.*")), "staging directory left behind"
 
 
+def test_a_bad_loop_guard_is_refused_before_anything_is_written(run_dir, tmp_path):
+    with pytest.raises(ValueError, match="max_repeats=-1 must be a positive integer"):
+        export_model(run_dir / "model", tmp_path / "bad", run_dir / "tokenizer", max_ngram_repeats=-1)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_exported_model_has_identical_weights_and_logits(run_dir, exported):
     source = AutoModelForSeq2SeqLM.from_pretrained(run_dir / "model").eval()
     reloaded = AutoModelForSeq2SeqLM.from_pretrained(exported.output_dir).eval()
