@@ -11,8 +11,9 @@ makes the same model faster:
    cached per machine (probe.py): oneDNN where it won, torch's default (MKL on x86) elsewhere.
 2. Every `nn.Linear` whose library is oneDNN runs through `cpu_gemm.linear` (type, parameters and state-dict
    keys unchanged; exactly F.linear off the CPU, under autocast and torch.compile).
-3. The experts run `cpu_experts.CpuExpertsKernel`: per-expert GEMMs on single-threaded worker threads (or,
-   where the probe measured it faster, near-uniform groups as one padded batched GEMM).
+3. The experts run `cpu_experts.CpuExpertsKernel`: per-expert GEMMs, concurrently on single-threaded worker
+   threads or one expert at a time on the library's own threads, whichever the probe measured faster (and,
+   where it measured it faster, near-uniform groups as one padded batched GEMM).
 4. Where the probe measured it faster, inference GEMMs on oneDNN (translation, evaluation) read weights packed
    once into oneDNN's blocked layout and kept (packed_weights.py: one more copy of those weights in memory
    while translating; a training step drops them).
@@ -49,7 +50,7 @@ _SAVED_KERNEL = "_kernel_without_backend"  # attribute on an experts module: its
 
 def enable_fast_cpu(model: nn.Module, gemm: str = "auto", packed: bool | None = None) -> GemmChoice:
     """Apply the CPU backend to `model` (any model: every exact `nn.Linear` is routed, and every hf_moe_mt
-    experts module gets the worker-thread kernel). `gemm`: "auto" (probe, or HF_MOE_MT_CPU_GEMM when set),
+    experts module gets the backend's experts kernel). `gemm`: "auto" (probe, or HF_MOE_MT_CPU_GEMM when set),
     "onednn" or "torch". `packed`: whether inference GEMMs on oneDNN read packed weights; None: where the
     probe measured it faster (never under a `gemm` override, which sets the library only). Returns the choice
     made; with HF_MOE_MT_CPU_GEMM=off and gemm "auto" it applies nothing and returns `OFF`. Calling it again
@@ -67,7 +68,8 @@ def enable_fast_cpu(model: nn.Module, gemm: str = "auto", packed: bool | None = 
     for experts in experts_modules(model):
         if not hasattr(experts, _SAVED_KERNEL):
             setattr(experts, _SAVED_KERNEL, experts.implementation)
-        experts.implementation = EXPERTS_KERNELS[choice.experts, choice.experts_bmm, choice.experts_packed]
+        experts.implementation = EXPERTS_KERNELS[choice.experts, choice.experts_bmm, choice.experts_packed,
+                                                       choice.experts_workers]
     return choice
 
 

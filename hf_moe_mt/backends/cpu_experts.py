@@ -1,15 +1,18 @@
 """The CPU backend's experts kernel: the model's own "loop" kernel (moe_kernels) with its per-expert GEMMs on
-single-threaded worker threads (expert_threads.py), on the GEMM library the probe chose (oneDNN or torch's).
+the GEMM library the probe chose (oneDNN or torch's), concurrently on single-threaded worker threads
+(expert_threads.py) where the probe measured that faster than one expert at a time on the library's threads.
 
 `CpuExpertsKernel(gemm)` has the experts-kernel contract of `moe_kernels.grouped_ffn`, so a backend sets it as
 `GroupedExperts.implementation`; what it computes, keeps for the backward and returns is the loop kernel's.
 Its rule, fixed given the chosen library:
 1. not on the CPU: the model's "auto" kernel (nothing here is for GPUs);
-2. no autograd (translation): the loop's inference pass, both GEMMs of an expert on one worker, reading kept
-   blocked copies of the expert weights where the probe measured that faster (`packed`, packed_weights.py);
+2. no autograd (translation): the loop's inference pass, both GEMMs of an expert back to back (on one worker),
+   reading kept blocked copies of the expert weights where the probe measured that faster (`packed`,
+   packed_weights.py);
 3. training: where the probe measured one padded batched GEMM faster than the loop on uniform groups
    (`bmm_for_uniform_groups`), near-uniform groups (`moe_kernels.prefers_padded_bmm`) run as the padded bmm;
-   everything else runs the loop on the worker threads. A training call drops every kept packed copy first.
+   everything else runs the loop (on the worker threads where `workers`). A training call drops every kept
+   packed copy first.
 """
 
 from __future__ import annotations
@@ -26,12 +29,16 @@ GEMM_LIBRARIES = ("onednn", "torch")
 
 
 class ThreadedGemms(ExpertGemms):
-    """torch's own GEMMs, experts spread over single-threaded workers."""
+    """torch's own GEMMs; `workers`: experts spread over single-threaded workers, else one expert at a time
+    on the calling thread, each GEMM split over torch's intra-op threads."""
 
     name = "torch"
 
+    def __init__(self, workers: bool = True):
+        self.workers = workers
+
     def for_each_expert(self, work, bounds) -> None:
-        for_each_expert(work, bounds)
+        for_each_expert(work, bounds, parallel=self.workers)
 
 
 class OneDNNGemms(ThreadedGemms):
@@ -39,7 +46,8 @@ class OneDNNGemms(ThreadedGemms):
 
     name = "onednn"
 
-    def __init__(self, packed: bool = False):
+    def __init__(self, packed: bool = False, workers: bool = True):
+        super().__init__(workers)
         self.packed = packed  # inference GEMMs (`ffn_into`) read kept blocked copies of the expert weights
 
     def linear_into(self, x, weight, bias, out) -> None:
@@ -65,16 +73,18 @@ class OneDNNGemms(ThreadedGemms):
 
 class CpuExpertsKernel:
     """An experts kernel (see the module docstring) for one GEMM library, "onednn" or "torch"; `packed`
-    (oneDNN only): inference reads kept blocked copies of the expert weights."""
+    (oneDNN only): inference reads kept blocked copies of the expert weights; `workers`: the per-expert loop
+    runs on the worker threads (else on the calling thread)."""
 
-    def __init__(self, gemm: str, bmm_for_uniform_groups: bool = False, packed: bool = False):
+    def __init__(self, gemm: str, bmm_for_uniform_groups: bool = False, packed: bool = False, workers: bool = True):
         if gemm not in GEMM_LIBRARIES:
             raise ValueError(f"gemm={gemm!r} is not one of {GEMM_LIBRARIES}")
         if packed and gemm != "onednn":
             raise ValueError("packed expert weights are oneDNN's: packed=True needs gemm='onednn'")
         self.gemm, self.bmm_for_uniform_groups, self.packed = gemm, bmm_for_uniform_groups, packed
-        self.gemms = OneDNNGemms(packed) if gemm == "onednn" else ThreadedGemms()
-        self.__name__ = f"cpu_threads_{gemm}" + ("_bmm" if bmm_for_uniform_groups else "") + (
+        self.workers = workers
+        self.gemms = OneDNNGemms(packed, workers) if gemm == "onednn" else ThreadedGemms(workers)
+        self.__name__ = ("cpu_threads_" if workers else "cpu_") + gemm + ("_bmm" if bmm_for_uniform_groups else "") + (
             "_packed" if packed else "")
 
     def __repr__(self) -> str:
@@ -91,8 +101,9 @@ class CpuExpertsKernel:
         return moe_kernels.loop_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, self.gemms)
 
 
-KERNELS = {(gemm, bmm, packed): CpuExpertsKernel(gemm, bmm, packed)
-           for gemm in GEMM_LIBRARIES for bmm in (False, True) for packed in (False, True)
+# (library, padded bmm for near-uniform groups, packed inference weights, worker threads) -> kernel
+KERNELS = {(gemm, bmm, packed, workers): CpuExpertsKernel(gemm, bmm, packed, workers)
+           for gemm in GEMM_LIBRARIES for bmm in (False, True) for packed in (False, True) for workers in (False, True)
            if gemm == "onednn" or not packed}
 
 __all__ = ["CpuExpertsKernel", "KERNELS", "OneDNNGemms", "ThreadedGemms"]

@@ -11,9 +11,13 @@ at two uses, each decided on its own:
 - "experts", one expert on one worker thread: `EXPERT_ROWS` rows, 512 → 2048, all three products.
 Each product runs on both libraries, interleaved, best of `REPEATS` after a warm-up (which includes oneDNN's
 JIT compile). A use goes to oneDNN when the geometric mean of its oneDNN/torch time ratios is below
-`1 - MARGIN`; a tie stays with torch's default (one moving part less). Then one more comparison for the
-experts: `UNIFORM_GROUPS` equal groups of `GROUP_ROWS` rows as one padded batched GEMM (torch's) against the
-per-expert loop on the worker threads; where the batched GEMM wins by the margin, near-uniform groups use it.
+`1 - MARGIN`; a tie stays with torch's default (one moving part less). Then two more comparisons for the
+experts, on `UNIFORM_GROUPS` equal groups of `GROUP_ROWS` rows with the experts' library: the per-expert loop
+(forward, dx and dW of each expert) concurrently on single-threaded worker threads against one expert at a time
+on the library's own threads — the workers are used where they win by the margin (on an AMD EPYC with oneDNN
+they did; on an Intel Xeon with MKL, whose threading splits these GEMMs well, they lost 0-20 %) — and the first
+GEMM as one padded batched GEMM (torch's) against that loop; where the batched GEMM wins by the margin,
+near-uniform groups use it.
 Last, for each use that went to oneDNN, decoding-size forwards (`DECODE_ROWS` rows for Linear layers,
 `EXPERT_DECODE_ROWS` for an expert; 512 → 2048 and back) with the weight packed once into oneDNN's blocked
 layout against the plain weight (packed_weights.py); where packed wins by the margin, inference GEMMs of that
@@ -54,7 +58,7 @@ CHOICES = ("auto", "onednn", "torch")
 D_IN, D_OUT = 512, 2048
 LINEAR_ROWS, DECODE_ROWS, EXPERT_ROWS, EXPERT_DECODE_ROWS = 256, 64, 64, 16
 UNIFORM_GROUPS, GROUP_ROWS = 8, 32
-PROBE_VERSION = 3  # part of the cache key: a changed probe measures again
+PROBE_VERSION = 4  # part of the cache key: a changed probe measures again
 REPEATS = 7
 MARGIN = 0.05
 
@@ -67,6 +71,7 @@ class GemmChoice:
     experts: str
     source: str  # "probe", "cache", "override" or "unavailable" (torch built without oneDNN)
     experts_bmm: bool = False  # near-uniform expert groups as one padded batched GEMM (it measured faster)
+    experts_workers: bool = True  # the per-expert loop on single-threaded worker threads (measured faster)
     linear_packed: bool = False  # inference GEMMs of oneDNN Linear layers read packed weights (measured faster)
     experts_packed: bool = False  # the same for oneDNN expert GEMMs
     ratios: dict[str, float] = field(default_factory=dict)  # product -> oneDNN/torch (or bmm/loop) time, measured
@@ -76,11 +81,12 @@ class GemmChoice:
         if self.linear == "off":
             return "CPU backend off: the model's standard kernels"
         measured = ", ".join(f"{name} {ratio:.2f}" for name, ratio in self.ratios.items())
-        detail = f"; time ratios oneDNN/torch, bmm/loop, packed/plain: {measured}" if measured else ""
+        detail = f"; time ratios oneDNN/torch, workers/caller, bmm/loop, packed/plain: {measured}" if measured else ""
+        threads = ", on worker threads" if self.experts_workers else ", one expert at a time"
         bmm = ", near-uniform groups as a padded bmm" if self.experts_bmm else ""
         packed = lambda on: " (packed for inference)" if on else ""  # noqa: E731
         return (f"Linear GEMMs: {self.linear}{packed(self.linear_packed)}, expert GEMMs: {self.experts}"
-                f"{packed(self.experts_packed)}{bmm} ({self.source}{detail})")
+                f"{packed(self.experts_packed)}{threads}{bmm} ({self.source}{detail})")
 
 
 def cpu_model() -> str:
@@ -220,9 +226,10 @@ def _write_cache(path: Path, entries: dict) -> None:
 
 
 def measure() -> GemmChoice:
-    """1. every product on both libraries, each use decided  2. near-uniform expert groups: one padded batched
-    GEMM against the per-expert loop on the worker threads with the experts' library  3. packed against plain
-    weights for decoding-size oneDNN forwards, per use that went to oneDNN."""
+    """1. every product on both libraries, each use decided  2. the per-expert loop with the experts' library on
+    the worker threads against on the calling thread, then near-uniform expert groups as one padded batched GEMM
+    against the faster loop  3. packed against plain weights for decoding-size oneDNN forwards, per use that went
+    to oneDNN."""
     start = time.perf_counter()
     # 1.
     ratios = {}
@@ -233,7 +240,10 @@ def measure() -> GemmChoice:
                 ratios[name] = best["onednn"] / best["torch"]
     decided = {use: _winner([r for name, r in ratios.items() if name.startswith(use)]) for use in ("linear", "experts")}
     # 2.
-    best = _best_seconds("experts uniform groups", _uniform_groups_calls(decided["experts"]))
+    best = _best_seconds("experts threads", _expert_threads_calls(decided["experts"]))
+    ratios["experts loop workers/caller"] = best["workers"] / best["caller"]
+    workers = ratios["experts loop workers/caller"] < 1 - MARGIN
+    best = _best_seconds("experts uniform groups", _uniform_groups_calls(decided["experts"], workers))
     ratios["experts uniform groups bmm/loop"] = best["bmm"] / best["loop"]
     # 3.
     packed = {}
@@ -245,8 +255,9 @@ def measure() -> GemmChoice:
             ratios.update(measured)
             packed[use] = _geometric_mean(measured.values()) < 1 - MARGIN
     return GemmChoice(decided["linear"], decided["experts"], "probe",
-                      ratios["experts uniform groups bmm/loop"] < 1 - MARGIN, packed["linear"], packed["experts"],
-                      {k: round(v, 3) for k, v in ratios.items()}, round(time.perf_counter() - start, 3))
+                      ratios["experts uniform groups bmm/loop"] < 1 - MARGIN, workers, packed["linear"],
+                      packed["experts"], {k: round(v, 3) for k, v in ratios.items()},
+                      round(time.perf_counter() - start, 3))
 
 
 def _winner(ratios: list[float]) -> str:
@@ -320,17 +331,42 @@ def _packed_ratios(use: str, rows: int) -> dict[str, float]:
     return ratios
 
 
-def _uniform_groups_calls(library: str) -> dict[str, Callable[[], object]]:
-    """First expert GEMM of `UNIFORM_GROUPS` experts × `GROUP_ROWS` rows: per expert on the worker threads
-    ("loop", the library chosen for experts) or as one padded batched GEMM at torch's thread count ("bmm")."""
-    from .cpu_experts import CpuExpertsKernel  # noqa: PLC0415  (cpu_experts is the consumer of this decision)
-
+def _uniform_groups():
+    """`UNIFORM_GROUPS` experts × `GROUP_ROWS` rows, 512 → 2048: inputs, weights, outputs, row bounds."""
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(UNIFORM_GROUPS * GROUP_ROWS, D_IN, generator=gen)
     weight, bias = torch.randn(UNIFORM_GROUPS, D_OUT, D_IN, generator=gen), torch.zeros(UNIFORM_GROUPS, D_OUT)
-    out = x.new_empty(x.shape[0], D_OUT)
-    gemms = CpuExpertsKernel(library).gemms
+    grad_out = torch.randn(x.shape[0], D_OUT, generator=gen)
     bounds = [(e * GROUP_ROWS, (e + 1) * GROUP_ROWS) for e in range(UNIFORM_GROUPS)]
+    return x, weight, bias, grad_out, bounds
+
+
+def _expert_threads_calls(library: str) -> dict[str, Callable[[], object]]:
+    """Forward, dx and dW of every expert of the uniform groups with `library`: concurrently on the worker threads
+    ("workers") or one expert after another on the calling thread, each GEMM on the library's threads ("caller")."""
+    from .cpu_experts import CpuExpertsKernel  # noqa: PLC0415  (cpu_experts is the consumer of this decision)
+
+    x, weight, bias, grad_out, bounds = _uniform_groups()
+    out, grad_in, grad_weight = x.new_empty(x.shape[0], D_OUT), torch.empty_like(x), torch.empty_like(weight)
+
+    def loop(gemms):
+        def work(e, lo, hi):
+            gemms.linear_into(x[lo:hi], weight[e], bias[e], out[lo:hi])
+            gemms.grads_into(grad_out[lo:hi], x[lo:hi], weight[e], grad_in[lo:hi], grad_weight[e])
+        return lambda: gemms.for_each_expert(work, bounds)
+
+    return {"workers": loop(CpuExpertsKernel(library, workers=True).gemms),
+            "caller": loop(CpuExpertsKernel(library, workers=False).gemms)}
+
+
+def _uniform_groups_calls(library: str, workers: bool) -> dict[str, Callable[[], object]]:
+    """First expert GEMM of the uniform groups: per expert with `library` (on the worker threads where
+    `workers`; "loop") or as one padded batched GEMM at torch's thread count ("bmm")."""
+    from .cpu_experts import CpuExpertsKernel  # noqa: PLC0415  (cpu_experts is the consumer of this decision)
+
+    x, weight, bias, _, bounds = _uniform_groups()
+    out = x.new_empty(x.shape[0], D_OUT)
+    gemms = CpuExpertsKernel(library, workers=workers).gemms
 
     def loop():
         gemms.for_each_expert(lambda e, lo, hi: gemms.linear_into(x[lo:hi], weight[e], bias[e], out[lo:hi]), bounds)
@@ -339,4 +375,3 @@ def _uniform_groups_calls(library: str) -> dict[str, Callable[[], object]]:
         torch.baddbmm(bias.unsqueeze(1), x.view(UNIFORM_GROUPS, GROUP_ROWS, D_IN), weight.transpose(1, 2))
 
     return {"bmm": bmm, "loop": loop}
-

@@ -94,7 +94,7 @@ def test_the_backend_changes_no_type_no_weight_and_nothing_saved(tmp_path, onedn
     enable_fast_cpu(model, gemm="onednn")
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
     assert all(cpu_gemm.routes_to_onednn(m) for m in model.modules() if isinstance(m, nn.Linear))
-    assert all(m.implementation is cpu_experts.KERNELS["onednn", False, False] for m in experts_modules(model))
+    assert all(m.implementation is cpu_experts.KERNELS["onednn", False, False, True] for m in experts_modules(model))
     model.save_pretrained(tmp_path)
     loaded = MoEMTForConditionalGeneration.from_pretrained(tmp_path)
     assert loaded.config.experts_kernel == "auto"
@@ -134,7 +134,7 @@ def test_expert_parallel_slices_keep_the_backend_kernel():
     parallelize_experts(model, groups)
     experts = experts_modules(model)
     assert experts and all(type(m) is not GroupedExperts for m in experts)
-    assert all(m.implementation is cpu_experts.KERNELS["torch", False, False] for m in experts)
+    assert all(m.implementation is cpu_experts.KERNELS["torch", False, False, True] for m in experts)
 
 
 REMOTE_SCRIPT = textwrap.dedent(
@@ -149,7 +149,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     cpu_gemm.MIN_FLOPS = 0
     enable_fast_cpu(model, gemm="onednn")
     experts = experts_modules(model)
-    assert experts and all(m.implementation is cpu_experts.KERNELS["onednn", False, False] for m in experts)
+    assert experts and all(m.implementation is cpu_experts.KERNELS["onednn", False, False, True] for m in experts)
     assert all(type(m).__module__.startswith("transformers_modules") for m in experts)
     with torch.no_grad():
         logits = model(**load_file(sys.argv[2])).logits

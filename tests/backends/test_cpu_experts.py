@@ -1,6 +1,6 @@
-"""backends/cpu_experts: the CPU backend's experts kernel follows its fixed rule (loop on the worker threads, a
-padded bmm for near-uniform groups only where the probe measured it faster, the inference pass without
-autograd) and sizes oneDNN's backward GEMMs by the right FLOPs. Its numerics are covered by every tests/moe
+"""backends/cpu_experts: the CPU backend's experts kernel follows its fixed rule (the loop on the worker threads or
+the calling thread as the kernel says, a padded bmm for near-uniform groups only where the probe measured it
+faster, the inference pass without autograd) and sizes oneDNN's backward GEMMs by the right FLOPs. Its numerics are covered by every tests/moe
 test through the `kernel_path` fixture (threads_torch, threads_onednn)."""
 
 import pytest
@@ -30,7 +30,7 @@ def _operands(counts, seed=0):
     (False, [4, 4, 4, 4], "threads_loop"), (False, [13, 1, 1, 1], "threads_loop"),
 ])
 def test_training_runs_the_kernel_of_the_rule(gemm, bmm, counts, expected, path_spy):
-    kernel = cpu_experts.KERNELS[gemm, bmm, False]
+    kernel = cpu_experts.KERNELS[gemm, bmm, False, True]
     assert kernel.__name__ == f"cpu_threads_{gemm}" + ("_bmm" if bmm else "")
     grouped_ffn(*_operands(counts), "relu", kernel).sum().backward()
     path_spy.assert_only("bmm" if expected == "bmm" else f"threads_{gemm}" if gemm == "onednn" else "threads_torch")
@@ -42,7 +42,7 @@ def test_without_autograd_every_kernel_runs_the_loops_inference_pass(path_spy, m
     calls, real = [], moe_kernels._inference_ffn
     monkeypatch.setattr(moe_kernels, "_inference_ffn", lambda *args: calls.append(1) or real(*args))
     with torch.no_grad():
-        grouped_ffn(*_operands([4, 4, 4, 4]), "relu", cpu_experts.KERNELS["torch", True, False])
+        grouped_ffn(*_operands([4, 4, 4, 4]), "relu", cpu_experts.KERNELS["torch", True, False, True])
     assert calls == [1] and path_spy.padded == 0 and path_spy.threads == 1
 
 
@@ -76,7 +76,7 @@ def test_off_the_cpu_the_kernel_is_the_models_auto(monkeypatch):
     seen = []
     monkeypatch.setattr(moe_kernels, "auto_kernel", lambda x, *args: seen.append(x.device.type) or x)
     x = torch.randn(4, D, device="meta")
-    out = cpu_experts.KERNELS["onednn", False, False](x, torch.tensor([4]), *_operands([4])[2:], "relu")
+    out = cpu_experts.KERNELS["onednn", False, False, True](x, torch.tensor([4]), *_operands([4])[2:], "relu")
     assert seen == ["meta"] and out is x
 
 
@@ -84,7 +84,8 @@ def test_results_equal_the_standard_loop_on_uneven_groups():
     operands = _operands([5, 0, 9, 3])
     grad = torch.randn(17, D)
     results = []
-    for kernel in ("loop", cpu_experts.KERNELS["torch", True, False], cpu_experts.KERNELS["onednn", False, False]):
+    for kernel in ("loop", cpu_experts.KERNELS["torch", True, False, True], cpu_experts.KERNELS["onednn", False, False, True],
+                   cpu_experts.KERNELS["torch", False, False, False], cpu_experts.KERNELS["onednn", False, False, False]):
         copies = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in operands]
         out = grouped_ffn(*copies, "gelu", kernel)
         out.backward(grad)
@@ -92,3 +93,25 @@ def test_results_equal_the_standard_loop_on_uneven_groups():
     for other in results[1:]:
         for got, expected in zip(other, results[0]):
             assert_close_rel(got, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("workers", [True, False])
+def test_the_loop_uses_worker_threads_only_when_its_kernel_says_so(workers, monkeypatch):
+    """Both passes (forward with autograd, backward, and inference) run each expert's GEMMs on worker threads
+    with `workers`, and on the calling thread, one expert after another, without."""
+    import threading
+
+    kernel = cpu_experts.KERNELS["torch", False, False, workers]
+    seen, gemms = set(), kernel.gemms
+    for method in ("linear_into", "ffn_into", "grads_into"):
+        real = getattr(gemms, method)
+        monkeypatch.setattr(gemms, method, lambda *a, real=real: seen.add(threading.get_ident()) or real(*a))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grouped_ffn(*_operands([4, 3, 5, 4]), "relu", kernel).sum().backward()
+        with torch.no_grad():
+            grouped_ffn(*_operands([4, 3, 5, 4]), "relu", kernel)
+    finally:
+        torch.set_num_threads(threads)
+    assert seen and (threading.get_ident() in seen) != workers

@@ -6,7 +6,9 @@ import json
 import pytest
 import torch
 
-from hf_moe_mt.backends import cpu_gemm, probe
+from hf_moe_mt.backends import cpu_gemm, enable_fast_cpu, experts_modules, probe
+
+from ..modeling.conftest import make_model
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
 PRODUCTS = 7  # linear: forward, dx, dW, decode forward; experts: forward, dx, dW
@@ -21,17 +23,18 @@ def cache(tmp_path, monkeypatch):
 
 
 def fake_timer(monkeypatch, onednn_seconds: dict[str, float], bmm_seconds: float = 2.0,
-               packed_seconds: dict[str, float] | None = None):
-    """Each call on torch's library (and the per-expert loop, and oneDNN with a plain weight in the packed
-    comparison) takes 1 s, on oneDNN `onednn_seconds[use]`, the padded bmm `bmm_seconds`, a packed weight
-    `packed_seconds[use]` (default 2 s: slower); records every timed call."""
+               packed_seconds: dict[str, float] | None = None, workers_seconds: float = 1.0):
+    """Each call on torch's library (and the per-expert loop on the calling thread, and oneDNN with a plain
+    weight in the packed comparison) takes 1 s, on oneDNN `onednn_seconds[use]`, the padded bmm `bmm_seconds`,
+    the loop on the worker threads `workers_seconds`, a packed weight `packed_seconds[use]` (default 2 s:
+    slower); records every timed call."""
     calls = []
     packed_seconds = packed_seconds or {"linear": 2.0, "experts": 2.0}
 
     def seconds(name, candidate, call):
         calls.append(candidate)
         use = name.split()[0]
-        return {"onednn": onednn_seconds[use], "bmm": bmm_seconds,
+        return {"onednn": onednn_seconds[use], "bmm": bmm_seconds, "workers": workers_seconds,
                 "packed": packed_seconds.get(use)}.get(candidate, 1.0)
 
     monkeypatch.setattr(probe, "_seconds", seconds)
@@ -45,10 +48,10 @@ def test_each_use_goes_to_the_library_that_measured_faster(linear, experts, cach
     assert choice.source == "probe"
     assert choice.linear == ("onednn" if linear < 0.95 else "torch")
     assert choice.experts == ("onednn" if experts < 0.95 else "torch")  # within the 5 % margin: torch's default
-    # the probe's whole cost, a fixed number of GEMMs: every product, the bmm/loop pair, and two packed/plain
-    # pairs per use that went to oneDNN
+    # the probe's whole cost, a fixed number of GEMMs: every product, the workers/caller and bmm/loop pairs, and
+    # two packed/plain pairs per use that went to oneDNN
     on_onednn = (linear < 0.95) + (experts < 0.95)
-    assert len(calls) == (PRODUCTS + 1 + 2 * on_onednn) * 2 * (probe.REPEATS + 1)
+    assert len(calls) == (PRODUCTS + 2 + 2 * on_onednn) * 2 * (probe.REPEATS + 1)
     assert choice.ratios["linear dW"] == pytest.approx(linear) and choice.ratios["experts dx"] == pytest.approx(experts)
     assert not choice.experts_bmm and not choice.linear_packed and not choice.experts_packed
 
@@ -66,6 +69,19 @@ def test_inference_reads_packed_weights_only_on_onednn_where_they_measured_faste
     measured = {name.split()[0] for name in choice.ratios if name.endswith("packed/plain")}
     assert measured == {use for use in ("linear", "experts") if getattr(choice, use) == "onednn"}
     assert ("packed for inference" in choice.describe()) == (choice.linear_packed or choice.experts_packed)
+
+
+@pytest.mark.parametrize("workers_seconds,uses_workers", [(0.5, True), (0.97, False), (1.2, False)])
+def test_experts_use_the_worker_threads_only_where_they_measured_faster(workers_seconds, uses_workers, cache,
+                                                                        monkeypatch):
+    fake_timer(monkeypatch, {"linear": 0.5, "experts": 0.5}, workers_seconds=workers_seconds)
+    choice = probe.choose_gemm()
+    assert choice.experts_workers == uses_workers  # within the 5 % margin: the library's own threading
+    assert ("on worker threads" if uses_workers else "one expert at a time") in choice.describe()
+    assert choice.ratios["experts loop workers/caller"] == pytest.approx(workers_seconds)
+    model = make_model()
+    enable_fast_cpu(model)
+    assert all(m.implementation.workers == uses_workers for m in experts_modules(model))
 
 
 @pytest.mark.parametrize("bmm_seconds,uses_bmm", [(0.5, True), (0.97, False), (1.5, False)])
@@ -142,6 +158,6 @@ def test_the_real_probe_is_short_and_records_its_cost(cache):
     choice = probe.choose_gemm()
     assert choice.source == "probe" and choice.linear in ("onednn", "torch") and choice.experts in ("onednn", "torch")
     on_onednn = (choice.linear == "onednn") + (choice.experts == "onednn")
-    assert len(choice.ratios) == PRODUCTS + 1 + 2 * on_onednn and all(ratio > 0 for ratio in choice.ratios.values())
+    assert len(choice.ratios) == PRODUCTS + 2 + 2 * on_onednn and all(ratio > 0 for ratio in choice.ratios.values())
     assert 0 < choice.probe_seconds < 30  # well under a second on a quiet 2-core machine; CI shares its cores
-    assert "time ratios oneDNN/torch, bmm/loop, packed/plain" in choice.describe()
+    assert "time ratios oneDNN/torch, workers/caller, bmm/loop, packed/plain" in choice.describe()
