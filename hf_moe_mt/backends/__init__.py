@@ -14,8 +14,9 @@ makes the same model faster:
 3. The experts run `cpu_experts.CpuExpertsKernel`: per-expert GEMMs, concurrently on single-threaded worker
    threads or one expert at a time on the library's own threads, whichever the probe measured faster (and,
    where it measured it faster, near-uniform groups as one padded batched GEMM).
-4. Where the probe measured it faster, inference GEMMs on oneDNN (translation, evaluation) read weights packed
-   once into oneDNN's blocked layout and kept (packed_weights.py: one more copy of those weights in memory
+4. Where the probe measured it faster than the use's own plain GEMMs, inference GEMMs (translation, evaluation)
+   run on oneDNN reading weights packed once into oneDNN's blocked layout and kept, also for a use whose
+   training stays on torch's library (packed_weights.py: one more copy of those weights in memory
    while translating; a training step drops them).
 Nothing of it is saved with the model; `disable_fast_cpu(model)` undoes it. The `hf-moe-mt` commands and the
 benchmark scripts call it; `HF_MOE_MT_CPU_GEMM=onednn|torch` forces a library, `=off` leaves models standard.
@@ -51,7 +52,7 @@ _SAVED_KERNEL = "_kernel_without_backend"  # attribute on an experts module: its
 def enable_fast_cpu(model: nn.Module, gemm: str = "auto", packed: bool | None = None) -> GemmChoice:
     """Apply the CPU backend to `model` (any model: every exact `nn.Linear` is routed, and every hf_moe_mt
     experts module gets the backend's experts kernel). `gemm`: "auto" (probe, or HF_MOE_MT_CPU_GEMM when set),
-    "onednn" or "torch". `packed`: whether inference GEMMs on oneDNN read packed weights; None: where the
+    "onednn" or "torch". `packed`: whether inference GEMMs run on oneDNN with packed weights; None: where the
     probe measured it faster (never under a `gemm` override, which sets the library only). Returns the choice
     made; with HF_MOE_MT_CPU_GEMM=off and gemm "auto" it applies nothing and returns `OFF`. Calling it again
     re-applies (e.g. after expert parallelism swapped experts)."""
@@ -60,8 +61,7 @@ def enable_fast_cpu(model: nn.Module, gemm: str = "auto", packed: bool | None = 
         return OFF
     choice = choose_gemm(gemm)
     if packed is not None:
-        choice = replace(choice, linear_packed=packed and choice.linear == "onednn",
-                         experts_packed=packed and choice.experts == "onednn")
+        choice = replace(choice, linear_packed=packed, experts_packed=packed)
     for module in model.modules():
         if type(module) is nn.Linear:
             route_linear(module, choice.linear == "onednn", choice.linear_packed)

@@ -7,8 +7,8 @@ the GEMM library the probe chose (oneDNN or torch's), concurrently on single-thr
 Its rule, fixed given the chosen library:
 1. not on the CPU: the model's "auto" kernel (nothing here is for GPUs);
 2. no autograd (translation): the loop's inference pass, both GEMMs of an expert back to back (on one worker),
-   reading kept blocked copies of the expert weights where the probe measured that faster (`packed`,
-   packed_weights.py);
+   on oneDNN reading kept blocked copies of the expert weights where the probe measured that faster than the
+   chosen library's plain GEMMs (`packed`, packed_weights.py; also when training uses torch's library);
 3. training: where the probe measured one padded batched GEMM faster than the loop on uniform groups
    (`bmm_for_uniform_groups`), near-uniform groups (`moe_kernels.prefers_padded_bmm`) run as the padded bmm;
    everything else runs the loop (on the worker threads where `workers`). A training call drops every kept
@@ -72,18 +72,17 @@ class OneDNNGemms(ThreadedGemms):
 
 
 class CpuExpertsKernel:
-    """An experts kernel (see the module docstring) for one GEMM library, "onednn" or "torch"; `packed`
-    (oneDNN only): inference reads kept blocked copies of the expert weights; `workers`: the per-expert loop
+    """An experts kernel (see the module docstring) for one GEMM library, "onednn" or "torch"; `packed`:
+    inference runs on oneDNN and reads kept blocked copies of the expert weights; `workers`: the per-expert loop
     runs on the worker threads (else on the calling thread)."""
 
     def __init__(self, gemm: str, bmm_for_uniform_groups: bool = False, packed: bool = False, workers: bool = True):
         if gemm not in GEMM_LIBRARIES:
             raise ValueError(f"gemm={gemm!r} is not one of {GEMM_LIBRARIES}")
-        if packed and gemm != "onednn":
-            raise ValueError("packed expert weights are oneDNN's: packed=True needs gemm='onednn'")
         self.gemm, self.bmm_for_uniform_groups, self.packed = gemm, bmm_for_uniform_groups, packed
         self.workers = workers
         self.gemms = OneDNNGemms(packed, workers) if gemm == "onednn" else ThreadedGemms(workers)
+        self.inference_gemms = OneDNNGemms(True, workers) if packed else self.gemms
         self.__name__ = ("cpu_threads_" if workers else "cpu_") + gemm + ("_bmm" if bmm_for_uniform_groups else "") + (
             "_packed" if packed else "")
 
@@ -94,7 +93,7 @@ class CpuExpertsKernel:
         if x.device.type != "cpu":  # 1.
             return moe_kernels.auto_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation)
         if not needs_autograd(x, w1, b1, w2, b2):  # 2.
-            return moe_kernels.loop_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, self.gemms)
+            return moe_kernels.loop_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, self.inference_gemms)
         packed_weights.forget_all()  # 3.
         if self.bmm_for_uniform_groups and moe_kernels.prefers_padded_bmm(tokens_per_expert.tolist(), x.shape[0]):
             return moe_kernels.bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation)  # 3.
@@ -103,7 +102,6 @@ class CpuExpertsKernel:
 
 # (library, padded bmm for near-uniform groups, packed inference weights, worker threads) -> kernel
 KERNELS = {(gemm, bmm, packed, workers): CpuExpertsKernel(gemm, bmm, packed, workers)
-           for gemm in GEMM_LIBRARIES for bmm in (False, True) for packed in (False, True) for workers in (False, True)
-           if gemm == "onednn" or not packed}
+           for gemm in GEMM_LIBRARIES for bmm in (False, True) for packed in (False, True) for workers in (False, True)}
 
 __all__ = ["CpuExpertsKernel", "KERNELS", "OneDNNGemms", "ThreadedGemms"]

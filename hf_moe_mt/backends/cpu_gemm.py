@@ -123,14 +123,17 @@ class _OneDNNLinear(torch.autograd.Function):
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-           packed: bool = False) -> torch.Tensor:
+           packed: bool = False, train_on_onednn: bool = True) -> torch.Tensor:
     """`F.linear`, on oneDNN where it applies (with a oneDNN backward when a gradient is wanted). `packed`:
     without autograd, read the weight's kept blocked copy (packed_weights.py); a call with autograd (a
-    training step) drops every kept copy first, so no later inference reads one made before an update."""
+    training step) drops every kept copy first, so no later inference reads one made before an update.
+    `train_on_onednn=False`: only inference goes to oneDNN; with autograd this is F.linear (torch's library)."""
     if needs_autograd(x, weight, bias):
         if not torch.compiler.is_compiling():  # (a compiled graph would not run it anyway)
             packed_weights.forget_all()
-        return _OneDNNLinear.apply(x, weight, bias) if takes_onednn(x, weight, bias) else F.linear(x, weight, bias)
+        if train_on_onednn and takes_onednn(x, weight, bias):
+            return _OneDNNLinear.apply(x, weight, bias)
+        return F.linear(x, weight, bias)
     if not takes_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
     return onednn_linear(x, weight, bias, packed=packed)
@@ -144,17 +147,23 @@ def _onednn_packed_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Ten
     return linear(x, self.weight, self.bias, packed=True)
 
 
-_ONEDNN_FORWARDS = (_onednn_linear_forward, _onednn_packed_linear_forward)
+def _packed_inference_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return linear(x, self.weight, self.bias, packed=True, train_on_onednn=False)
+
+
+_ONEDNN_FORWARDS = (_onednn_linear_forward, _onednn_packed_linear_forward, _packed_inference_linear_forward)
 
 
 def route_linear(module: nn.Linear, on_onednn: bool, packed: bool = False) -> None:
     """Run this `nn.Linear` through `linear` (or back through its own forward), keeping its type, parameters
     and state-dict keys: the forward is replaced on the instance, as accelerate's hooks do (and under an
     accelerate hook, the forward that hook calls). Bound to the module, so `copy.deepcopy` follows it.
-    `packed`: its inference GEMMs read a kept blocked copy of the weight (packed_weights.py)."""
+    `on_onednn`: training and inference GEMMs on oneDNN. `packed`: its inference GEMMs read a kept blocked
+    copy of the weight on oneDNN (packed_weights.py), also where training stays on torch's library."""
     attribute = "_old_forward" if hasattr(module, "_hf_hook") else "forward"
-    if on_onednn:
-        forward = _onednn_packed_linear_forward if packed else _onednn_linear_forward
+    if on_onednn or packed:
+        forward = (_onednn_packed_linear_forward if packed else _onednn_linear_forward) if on_onednn else \
+            _packed_inference_linear_forward
         setattr(module, attribute, types.MethodType(forward, module))
     elif attribute == "forward":
         module.__dict__.pop("forward", None)

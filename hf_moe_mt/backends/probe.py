@@ -18,10 +18,11 @@ on the library's own threads — the workers are used where they win by the marg
 an AMD EPYC, whose threading splits a small GEMM poorly; on an Intel Xeon with MKL they lost 0-20 %) — and the first
 GEMM as one padded batched GEMM (torch's) against that loop; where the batched GEMM wins by the margin,
 near-uniform groups use it.
-Last, for each use that went to oneDNN, decoding-size forwards (`DECODE_ROWS` rows for Linear layers,
-`EXPERT_DECODE_ROWS` for an expert; 512 → 2048 and back) with the weight packed once into oneDNN's blocked
-layout against the plain weight (packed_weights.py); where packed wins by the margin, inference GEMMs of that
-use read packed copies. Cost: well under a second on 2 cores
+Last, for each use, decoding-size forwards (`DECODE_ROWS` rows for Linear layers, `EXPERT_DECODE_ROWS` for an
+expert; 512 → 2048 and back) on oneDNN with the weight packed once into its blocked layout, against the same
+forwards on the use's own library with the plain weight (packed_weights.py); where packed wins by the margin,
+inference GEMMs of that use run on oneDNN reading packed copies, also where training stays on torch's library
+(on an Intel Xeon MKL won training and packed oneDNN won decoding). Cost: well under a second on 2 cores
 (`GemmChoice.probe_seconds`), once per machine: the result is cached as JSON in `cache_dir()`, keyed by CPU
 model, family/model numbers, core count, thread count and torch version. Processes that start together
 (ranks of one job) take turns through a file lock, so the first one measures undisturbed and the others read.
@@ -58,7 +59,7 @@ CHOICES = ("auto", "onednn", "torch")
 D_IN, D_OUT = 512, 2048
 LINEAR_ROWS, DECODE_ROWS, EXPERT_ROWS, EXPERT_DECODE_ROWS = 256, 64, 64, 16
 UNIFORM_GROUPS, GROUP_ROWS = 8, 32
-PROBE_VERSION = 4  # part of the cache key: a changed probe measures again
+PROBE_VERSION = 5  # part of the cache key: a changed probe measures again
 REPEATS = 7
 MARGIN = 0.05
 
@@ -72,8 +73,8 @@ class GemmChoice:
     source: str  # "probe", "cache", "override" or "unavailable" (torch built without oneDNN)
     experts_bmm: bool = False  # near-uniform expert groups as one padded batched GEMM (it measured faster)
     experts_workers: bool = True  # the per-expert loop on single-threaded worker threads (measured faster)
-    linear_packed: bool = False  # inference GEMMs of oneDNN Linear layers read packed weights (measured faster)
-    experts_packed: bool = False  # the same for oneDNN expert GEMMs
+    linear_packed: bool = False  # inference GEMMs of Linear layers on oneDNN, packed weights (measured faster)
+    experts_packed: bool = False  # the same for the expert GEMMs
     ratios: dict[str, float] = field(default_factory=dict)  # product -> oneDNN/torch (or bmm/loop) time, measured
     probe_seconds: float = 0.0
 
@@ -84,9 +85,10 @@ class GemmChoice:
         detail = f"; time ratios oneDNN/torch, workers/caller, bmm/loop, packed/plain: {measured}" if measured else ""
         threads = ", on worker threads" if self.experts_workers else ", one expert at a time"
         bmm = ", near-uniform groups as a padded bmm" if self.experts_bmm else ""
-        packed = lambda on: " (packed for inference)" if on else ""  # noqa: E731
-        return (f"Linear GEMMs: {self.linear}{packed(self.linear_packed)}, expert GEMMs: {self.experts}"
-                f"{packed(self.experts_packed)}{threads}{bmm} ({self.source}{detail})")
+        packed = lambda on, library: ("" if not on else " (packed for inference)" if library == "onednn"  # noqa: E731
+                                      else " (inference on packed oneDNN)")
+        return (f"Linear GEMMs: {self.linear}{packed(self.linear_packed, self.linear)}, expert GEMMs: {self.experts}"
+                f"{packed(self.experts_packed, self.experts)}{threads}{bmm} ({self.source}{detail})")
 
 
 def cpu_model() -> str:
@@ -228,8 +230,8 @@ def _write_cache(path: Path, entries: dict) -> None:
 def measure() -> GemmChoice:
     """1. every product on both libraries, each use decided  2. the per-expert loop with the experts' library on
     the worker threads against on the calling thread, then near-uniform expert groups as one padded batched GEMM
-    against the faster loop  3. packed against plain weights for decoding-size oneDNN forwards, per use that went
-    to oneDNN."""
+    against the faster loop  3. per use, decoding-size forwards on packed oneDNN weights against the use's own
+    library on plain weights."""
     start = time.perf_counter()
     # 1.
     ratios = {}
@@ -248,12 +250,10 @@ def measure() -> GemmChoice:
     # 3.
     packed = {}
     for use, rows in (("linear", DECODE_ROWS), ("experts", EXPERT_DECODE_ROWS)):
-        packed[use] = False
-        if decided[use] == "onednn":
-            with _threads(1 if use == "experts" else torch.get_num_threads()):
-                measured = _packed_ratios(use, rows)
-            ratios.update(measured)
-            packed[use] = _geometric_mean(measured.values()) < 1 - MARGIN
+        with _threads(1 if use == "experts" else torch.get_num_threads()):
+            measured = _packed_ratios(use, rows, decided[use])
+        ratios.update(measured)
+        packed[use] = _geometric_mean(measured.values()) < 1 - MARGIN
     return GemmChoice(decided["linear"], decided["experts"], "probe",
                       ratios["experts uniform groups bmm/loop"] < 1 - MARGIN, workers, packed["linear"],
                       packed["experts"], {k: round(v, 3) for k, v in ratios.items()},
@@ -316,15 +316,17 @@ def _products() -> dict[str, dict[str, dict[str, Callable[[], object]]]]:
     return products
 
 
-def _packed_ratios(use: str, rows: int) -> dict[str, float]:
-    """Packed/plain time of oneDNN decoding-size forwards, 512 → 2048 and 2048 → 512 (`rows` rows)."""
+def _packed_ratios(use: str, rows: int, library: str) -> dict[str, float]:
+    """Decoding-size forwards, 512 → 2048 and 2048 → 512 (`rows` rows): time on oneDNN with a packed weight over
+    time on `library` with the plain weight."""
     gen = torch.Generator().manual_seed(0)
     ratios, weights = {}, []
     for d_in, d_out in ((D_IN, D_OUT), (D_OUT, D_IN)):
         x, weight = torch.randn(rows, d_in, generator=gen), torch.randn(d_out, d_in, generator=gen)
         name = f"{use} decode {d_in}->{d_out} packed/plain"
-        best = _best_seconds(name, {"plain": lambda x=x, w=weight: onednn_linear(x, w),
-                                    "packed": lambda x=x, w=weight: onednn_linear(x, w, packed=True)})
+        plain = (lambda x=x, w=weight: onednn_linear(x, w)) if library == "onednn" else \
+            (lambda x=x, w=weight: F.linear(x, w))
+        best = _best_seconds(name, {"plain": plain, "packed": lambda x=x, w=weight: onednn_linear(x, w, packed=True)})
         ratios[name] = best["packed"] / best["plain"]
         weights.append(weight)
     packed_weights.forget(weights)  # the probe's copies, not those of a model already translating

@@ -135,3 +135,30 @@ def test_without_packing_nothing_is_kept():
     with torch.no_grad():
         model(**random_batch())
     assert packed_weights.packed_count() == 0
+
+
+def test_training_on_torch_with_packed_inference_uses_onednn_only_to_translate(monkeypatch):
+    """gemm="torch", packed=True (the probe's choice where MKL wins training and packed oneDNN wins decoding):
+    a training step computes no GEMM on oneDNN, a translation computes every large one there, on packed
+    copies, and gives the standard model's beams."""
+    from hf_moe_mt.backends import cpu_experts
+
+    onednn_calls = []
+    for module in (cpu_gemm, cpu_experts):
+        real = module.onednn_linear
+        monkeypatch.setattr(module, "onednn_linear", lambda *a, real=real, **k: onednn_calls.append(k.get("packed"))
+                            or real(*a, **k))
+    model, batch = make_model(num_experts_per_tok=2), random_batch()
+    kwargs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], num_beams=3, max_new_tokens=6,
+                  min_new_tokens=6)
+    reference = model.generate(**kwargs)
+    choice = enable_fast_cpu(model, gemm="torch", packed=True)
+    assert "Linear GEMMs: torch (inference on packed oneDNN)" in choice.describe()
+    assert torch.equal(model.generate(**kwargs), reference)
+    assert onednn_calls and all(onednn_calls) and packed_weights.packed_count() > 0
+    onednn_calls.clear()
+    model.train()
+    model(**batch).loss.backward()
+    assert onednn_calls == [] and packed_weights.packed_count() == 0  # torch's GEMMs; the copies dropped
+    model.eval()
+    assert torch.equal(model.generate(**kwargs), reference) and packed_weights.packed_count() > 0  # packed again

@@ -49,26 +49,42 @@ def test_each_use_goes_to_the_library_that_measured_faster(linear, experts, cach
     assert choice.linear == ("onednn" if linear < 0.95 else "torch")
     assert choice.experts == ("onednn" if experts < 0.95 else "torch")  # within the 5 % margin: torch's default
     # the probe's whole cost, a fixed number of GEMMs: every product, the workers/caller and bmm/loop pairs, and
-    # two packed/plain pairs per use that went to oneDNN
-    on_onednn = (linear < 0.95) + (experts < 0.95)
-    assert len(calls) == (PRODUCTS + 2 + 2 * on_onednn) * 2 * (probe.REPEATS + 1)
+    # two packed/plain pairs per use
+    assert len(calls) == (PRODUCTS + 2 + 2 * 2) * 2 * (probe.REPEATS + 1)
     assert choice.ratios["linear dW"] == pytest.approx(linear) and choice.ratios["experts dx"] == pytest.approx(experts)
     assert not choice.experts_bmm and not choice.linear_packed and not choice.experts_packed
 
 
 @pytest.mark.parametrize("linear,experts", [(0.5, 0.5), (2.0, 0.5), (0.5, 2.0)])
 @pytest.mark.parametrize("packed_seconds", [0.7, 0.97])
-def test_inference_reads_packed_weights_only_on_onednn_where_they_measured_faster(linear, experts, packed_seconds,
-                                                                                   cache, monkeypatch):
+def test_inference_reads_packed_onednn_weights_where_they_beat_the_uses_own_library(linear, experts, packed_seconds,
+                                                                                    cache, monkeypatch):
+    """Whichever library a use trains on: packed oneDNN decoding against that library's plain GEMM."""
     fake_timer(monkeypatch, {"linear": linear, "experts": experts}, packed_seconds={"linear": packed_seconds,
                                                                                       "experts": packed_seconds})
     choice = probe.choose_gemm()
-    faster = packed_seconds < 0.95  # within the 5 % margin: plain weights
-    assert choice.linear_packed == (choice.linear == "onednn" and faster)
-    assert choice.experts_packed == (choice.experts == "onednn" and faster)
+    faster = packed_seconds < 0.95  # within the 5 % margin: plain weights on the use's own library
+    assert choice.linear_packed == faster and choice.experts_packed == faster
     measured = {name.split()[0] for name in choice.ratios if name.endswith("packed/plain")}
-    assert measured == {use for use in ("linear", "experts") if getattr(choice, use) == "onednn"}
-    assert ("packed for inference" in choice.describe()) == (choice.linear_packed or choice.experts_packed)
+    assert measured == {"linear", "experts"}
+    for use in ("linear", "experts"):
+        library = getattr(choice, use)
+        expected = "" if not faster else " (packed for inference)" if library == "onednn" else \
+            " (inference on packed oneDNN)"
+        assert f"{'Linear' if use == 'linear' else 'expert'} GEMMs: {library}{expected}," in choice.describe()
+
+
+def test_the_packed_comparison_times_the_uses_own_library_on_plain_weights(monkeypatch):
+    """The "plain" side runs torch's F.linear for a use on torch, oneDNN for a use on oneDNN."""
+    monkeypatch.setattr(probe, "_best_seconds", lambda name, calls: {label: call() is None or 1.0
+                                                                      for label, call in calls.items()})
+    calls = []
+    monkeypatch.setattr(probe, "onednn_linear", lambda *a, **k: calls.append(k.get("packed", False)) or a[0])
+    probe._packed_ratios("experts", 4, "torch")
+    assert calls == [True, True]  # only the packed side went to oneDNN
+    calls.clear()
+    probe._packed_ratios("experts", 4, "onednn")
+    assert calls == [False, True, False, True]
 
 
 @pytest.mark.parametrize("workers_seconds,uses_workers", [(0.5, True), (0.97, False), (1.2, False)])
@@ -157,7 +173,6 @@ def test_the_real_probe_is_short_and_records_its_cost(cache):
     """One real measurement on this machine (no fake timer): every product measured, its cost recorded."""
     choice = probe.choose_gemm()
     assert choice.source == "probe" and choice.linear in ("onednn", "torch") and choice.experts in ("onednn", "torch")
-    on_onednn = (choice.linear == "onednn") + (choice.experts == "onednn")
-    assert len(choice.ratios) == PRODUCTS + 2 + 2 * on_onednn and all(ratio > 0 for ratio in choice.ratios.values())
+    assert len(choice.ratios) == PRODUCTS + 2 + 2 * 2 and all(ratio > 0 for ratio in choice.ratios.values())
     assert 0 < choice.probe_seconds < 30  # well under a second on a quiet 2-core machine; CI shares its cores
     assert "time ratios oneDNN/torch, workers/caller, bmm/loop, packed/plain" in choice.describe()
