@@ -2,7 +2,8 @@
 
 Why: which library is faster depends on the CPU (on AMD EPYCs MKL's fp32 sgemm takes a slow code path and
 oneDNN's JIT kernels were ~2× faster; on an Intel Xeon MKL was faster), so `probe.py` measures both on the
-machine at hand and the backend (`__init__.py`) routes a model's GEMMs here only where oneDNN won.
+machine at hand and the backend (`__init__.py`) routes a model's GEMMs here only where oneDNN won (training and
+inference), or its inference GEMMs only where packed oneDNN weights won decoding.
 
 oneDNN's `_linear_pointwise` has no autograd formula: in training `linear` runs it inside `_OneDNNLinear`,
 whose backward computes dx and dW on oneDNN as well (once: a double backward raises). Everywhere else — CUDA,
