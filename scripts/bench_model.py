@@ -281,7 +281,8 @@ def run(args) -> dict:
         for _ in range(args.warmup_steps):
             contender.train_step(train_batch)
         contender.translate(translate_inputs, args.beams, 2)
-    packs = args.device == "cpu" and (choose_gemm().linear_packed or choose_gemm().experts_packed)
+    choice = choose_gemm() if args.device == "cpu" else None
+    packs = choice is not None and (choice.linear_packed or choice.experts_packed)
     repack = repack_seconds(by_name["ours"], translate_inputs, args) if packs else 0.0  # 0: nothing is packed
     compiled_rows = [] if args.no_compile else static_cache_translators(by_name["ours"], args.compile_backend)
     first_calls = warm_up_static_cache_translators(by_name["ours"], compiled_rows, translate_inputs, args)

@@ -81,8 +81,8 @@ class CpuExpertsKernel:
             raise ValueError(f"gemm={gemm!r} is not one of {GEMM_LIBRARIES}")
         self.gemm, self.bmm_for_uniform_groups, self.packed = gemm, bmm_for_uniform_groups, packed
         self.workers = workers
-        self.gemms = OneDNNGemms(packed, workers) if gemm == "onednn" else ThreadedGemms(workers)
-        self.inference_gemms = OneDNNGemms(True, workers) if packed else self.gemms
+        self.gemms = OneDNNGemms(workers=workers) if gemm == "onednn" else ThreadedGemms(workers)  # training
+        self.inference_gemms = OneDNNGemms(packed=True, workers=workers) if packed else self.gemms
         self.__name__ = ("cpu_threads_" if workers else "cpu_") + gemm + ("_bmm" if bmm_for_uniform_groups else "") + (
             "_packed" if packed else "")
 

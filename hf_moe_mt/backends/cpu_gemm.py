@@ -152,7 +152,10 @@ def _packed_inference_linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.
     return linear(x, self.weight, self.bias, packed=True, train_on_onednn=False)
 
 
-_ONEDNN_FORWARDS = (_onednn_linear_forward, _onednn_packed_linear_forward, _packed_inference_linear_forward)
+# (training on oneDNN, inference on packed weights) -> the forward `route_linear` installs
+_ROUTED_FORWARDS = {(True, False): _onednn_linear_forward, (True, True): _onednn_packed_linear_forward,
+                    (False, True): _packed_inference_linear_forward}
+_ONEDNN_FORWARDS = tuple(_ROUTED_FORWARDS.values())
 
 
 def route_linear(module: nn.Linear, on_onednn: bool, packed: bool = False) -> None:
@@ -163,9 +166,7 @@ def route_linear(module: nn.Linear, on_onednn: bool, packed: bool = False) -> No
     copy of the weight on oneDNN (packed_weights.py), also where training stays on torch's library."""
     attribute = "_old_forward" if hasattr(module, "_hf_hook") else "forward"
     if on_onednn or packed:
-        forward = (_onednn_packed_linear_forward if packed else _onednn_linear_forward) if on_onednn else \
-            _packed_inference_linear_forward
-        setattr(module, attribute, types.MethodType(forward, module))
+        setattr(module, attribute, types.MethodType(_ROUTED_FORWARDS[on_onednn, packed], module))
     elif attribute == "forward":
         module.__dict__.pop("forward", None)
     else:

@@ -15,8 +15,8 @@ JIT compile). A use goes to oneDNN when the geometric mean of its oneDNN/torch t
 experts, on `UNIFORM_GROUPS` equal groups of `GROUP_ROWS` rows with the experts' library: the per-expert loop
 (forward, dx and dW of each expert) concurrently on single-threaded worker threads against one expert at a time
 on the library's own threads — the workers are used where they win by the margin (they were built for oneDNN on
-an AMD EPYC, whose threading splits a small GEMM poorly; on an Intel Xeon with MKL they lost 0-20 %) — and the first
-GEMM as one padded batched GEMM (torch's) against that loop; where the batched GEMM wins by the margin,
+an AMD EPYC, whose threading splits a small GEMM poorly; on an Intel Xeon with MKL they lost 0-20 %) — and the
+first GEMM as one padded batched GEMM (torch's) against that loop; where the batched GEMM wins by the margin,
 near-uniform groups use it.
 Last, for each use, decoding-size forwards (`DECODE_ROWS` rows for Linear layers, `EXPERT_DECODE_ROWS` for an
 expert; 512 → 2048 and back) on oneDNN with the weight packed once into its blocked layout, against the same

@@ -1,7 +1,7 @@
 """backends/cpu_experts: the CPU backend's experts kernel follows its fixed rule (the loop on the worker threads or
 the calling thread as the kernel says, a padded bmm for near-uniform groups only where the probe measured it
-faster, the inference pass without autograd) and sizes oneDNN's backward GEMMs by the right FLOPs. Its numerics are covered by every tests/moe
-test through the `kernel_path` fixture (threads_torch, threads_onednn)."""
+faster, the inference pass without autograd) and sizes oneDNN's backward GEMMs by the right FLOPs. Its numerics
+are covered by every tests/moe test through the `kernel_path` fixture (threads_torch, threads_onednn)."""
 
 import pytest
 import torch
@@ -84,8 +84,9 @@ def test_results_equal_the_standard_loop_on_uneven_groups():
     operands = _operands([5, 0, 9, 3])
     grad = torch.randn(17, D)
     results = []
-    for kernel in ("loop", cpu_experts.KERNELS["torch", True, False, True], cpu_experts.KERNELS["onednn", False, False, True],
-                   cpu_experts.KERNELS["torch", False, False, False], cpu_experts.KERNELS["onednn", False, False, False]):
+    kernels = [cpu_experts.KERNELS[key] for key in (("torch", True, False, True), ("onednn", False, False, True),
+                                                    ("torch", False, False, False), ("onednn", False, False, False))]
+    for kernel in ("loop", *kernels):
         copies = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in operands]
         out = grouped_ffn(*copies, "gelu", kernel)
         out.backward(grad)
