@@ -6,6 +6,7 @@ skips. Every skip the suite reports must be one the tester lists, with its reaso
 """
 
 import ast
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -31,6 +32,13 @@ def expected_skips() -> dict[str, str]:
     raise AssertionError(f"{TESTER.name} defines no EXPECTED_SKIPS")
 
 
+def peer_suite_version() -> str:
+    """The transformers release the peer suite comes from, read from its folder name (transformers-5.24)."""
+    folders = sorted(PEER_TESTS.glob("transformers-*"))
+    assert len(folders) == 1, f"expected one transformers-X.Y folder in {PEER_TESTS}, found {folders}"
+    return folders[0].name.removeprefix("transformers-")
+
+
 def run_suite(report: Path) -> tuple[subprocess.CompletedProcess, list[tuple[str, str, str]]]:
     """Runs the suite; returns the process and (test name, outcome, message) per test from pytest's JUnit report."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
@@ -52,6 +60,11 @@ def test_transformers_common_model_tests_pass(tmp_path):
     if not RUNNER.is_file():
         pytest.skip(f"transformers' common model tests not found at {PEER_TESTS}: they live next to the repository "
                     "(../shared/peer-tests), not in it")
+    suite_version = peer_suite_version()
+    installed = importlib.metadata.version("transformers")
+    assert installed.startswith(suite_version + "."), (
+        f"the peer suite is transformers {suite_version}'s own tests but transformers {installed} is installed: "
+        f"bash scripts/setup.sh installs the matching release (or pip install 'transformers=={suite_version}.*')")
     for module in ("parameterized", "httpx"):
         assert importlib.util.find_spec(module), f"{module} is missing: pip install -e '.[dev]'"
     process, results = run_suite(tmp_path / "report.xml")
