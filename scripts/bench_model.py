@@ -18,6 +18,9 @@ the backend's packed inference weights buy) and NLLB-MoE with the same backend a
 experts included, on the library the probe chose for Linear layers). Every timed translation follows the same
 translation untimed: after a training step the backend re-packs its inference weights once (timed on its own,
 printed under the table), which is a per-model cost, not translation speed.
+Both models also translate with bf16 weights in the same rounds, loaded as `hf-moe-mt translate --dtype bfloat16`
+loads ours (`from_pretrained(dtype=torch.bfloat16)`: each model's fp32-kept modules stay fp32, ours' routers);
+half the bytes per weight read in each decoding step, and a numerics change (`--no-bf16` skips these rows).
 
 Same sizes on both sides: d_model, layers, heads, vocabulary, one FFN width for dense layers and experts, MoE
 in every `--sparse-step`-th layer, `--experts` experts, top-2 (NLLB-MoE's only mode), dropout 0.1, no
@@ -42,6 +45,7 @@ MEMORY_SETTINGS = apply_memory_settings()
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
+import tempfile  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
@@ -147,6 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--no-gemm-variants", action="store_true", help="skip the two CPU rows per metric that swap GEMM backends")
     add("--compile-backend", default="inductor", help="torch.compile backend of the compiled translation row")
     add("--no-compile", action="store_true", help="skip the static-cache and compiled beam translation rows")
+    add("--no-bf16", action="store_true", help="skip the translation rows with bf16 weights")
     add("--seed", type=int, default=0)
     add("--json", default=None, help="also write the results to this JSON file")
     if parser.parse_args(argv).quick:  # tiny defaults; flags given explicitly still win
@@ -239,6 +244,26 @@ def warm_up_static_cache_translators(ours: Contender, translators: list[Contende
     return report
 
 
+# both models translating with bf16 weights (the rows' names)
+BF16_ROWS = {"ours": "ours, bf16 weights", "nllb_moe": "NLLB-MoE, bf16 weights"}
+
+
+def bf16_translators(contenders: list[Contender], args) -> list[Contender]:
+    """A bf16 copy of each model, saved and loaded with `from_pretrained(dtype=torch.bfloat16)` as
+    `hf-moe-mt translate --dtype bfloat16` loads ours (each class keeps its fp32 modules, ours' routers, in fp32);
+    ours gets the CPU backend as the translate command applies it, NLLB-MoE stays as shipped."""
+    copies = []
+    for contender in contenders:
+        with tempfile.TemporaryDirectory() as folder:
+            contender.model.save_pretrained(folder)
+            model = type(contender.model).from_pretrained(folder, dtype=torch.bfloat16).to(args.device)
+        if contender.name == "ours" and args.device == "cpu":
+            enable_fast_cpu(model)
+        copies.append(Contender(BF16_ROWS[contender.name], model, contender.extra_forward_kwargs,
+                                contender.generate_kwargs))
+    return copies
+
+
 def _timed(fn, device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -286,6 +311,7 @@ def run(args) -> dict:
     repack = repack_seconds(by_name["ours"], translate_inputs, args) if packs else 0.0  # 0: nothing is packed
     compiled_rows = [] if args.no_compile else static_cache_translators(by_name["ours"], args.compile_backend)
     first_calls = warm_up_static_cache_translators(by_name["ours"], compiled_rows, translate_inputs, args)
+    bf16_rows = [] if args.no_bf16 else bf16_translators(contenders, args)
     # 2.
     for round_index in range(args.rounds):
         order = contenders if round_index % 2 == 0 else contenders[::-1]
@@ -302,7 +328,7 @@ def run(args) -> dict:
             variant_results[row]["train_tokens_per_s"].append(args.train_steps * train_tokens / seconds)
             seconds = translation_seconds(contender, translate_inputs, args, gemm)
             variant_results[row]["translate_sentences_per_s"].append(args.translate_batch_size / seconds)
-        for contender in compiled_rows:
+        for contender in compiled_rows + (bf16_rows if round_index % 2 == 0 else bf16_rows[::-1]):
             seconds = translation_seconds(contender, translate_inputs, args)
             contender.results["translate_sentences_per_s"].append(args.translate_batch_size / seconds)
         print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
@@ -317,6 +343,9 @@ def run(args) -> dict:
                 for c in compiled_rows}
     return {"args": vars(args), "parameters": parameters, "repack_seconds": repack, "expert_rows_per_token": rows,
             "static_cache": compiled,
+            "bf16_weights": {c.name: {"per_round": c.results["translate_sentences_per_s"],
+                                      "median": statistics.median(c.results["translate_sentences_per_s"])}
+                             for c in bf16_rows},
             "per_round": {c.name: c.results for c in contenders},
             "median": medians, "ratio_ours_over_nllb": ratios,
             "gemm_variants": {row: {"per_round": values,
@@ -362,6 +391,7 @@ def format_table(report: dict) -> str:
         lines.append(f"translations are timed after the same translation untimed (all rows): the first inference "
                      f"after a training step re-packs ours' inference weights, {report['repack_seconds']:.2f} s here")
     lines += format_static_cache_rows(report)
+    lines += format_bf16_rows(report)
     rows = report["expert_rows_per_token"]
     lines.append(f"expert FFN rows per token and MoE layer (eval forward): ours {rows['ours']:.2f}, "
                  f"NLLB-MoE {rows['nllb_moe']:.2f}")
@@ -384,6 +414,24 @@ def format_static_cache_rows(report: dict) -> list[str]:
     for name, row in rows.items():
         lines.append(f"| {name:<36} | {row['median']:>8.2f} | {row['median'] / dynamic:>8.2f}x | "
                      f"{row['first_call_s']:>12.1f} | {str(row['same_tokens_as_dynamic_cache']):>11} |")
+    return lines
+
+
+def format_bf16_rows(report: dict) -> list[str]:
+    rows = report["bf16_weights"]
+    if not rows:
+        return []
+    fp32 = report["median"]
+    nllb_fp32, nllb_bf16 = fp32["nllb_moe"]["translate_sentences_per_s"], rows[BF16_ROWS["nllb_moe"]]["median"]
+    lines = ["", f"beam-{report['args']['beams']} translation with bf16 weights (same rounds; from_pretrained(dtype="
+                 f"bfloat16), fp32-kept modules stay fp32):",
+             f"| {'row':<27} | {'sent/s':>8} | {'÷ own fp32':>10} | {'÷ NLLB fp32':>11} | {'÷ NLLB bf16':>11} |",
+             f"|{'-' * 29}|{'-' * 10}|{'-' * 12}|{'-' * 13}|{'-' * 13}|"]
+    for name, row_name in BF16_ROWS.items():
+        speed = rows[row_name]["median"]
+        own = fp32[name]["translate_sentences_per_s"]
+        lines.append(f"| {row_name:<27} | {speed:>8.2f} | {speed / own:>9.2f}x | {speed / nllb_fp32:>10.2f}x | "
+                     f"{speed / nllb_bf16:>10.2f}x |")
     return lines
 
 

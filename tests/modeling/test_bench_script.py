@@ -29,3 +29,6 @@ def test_bench_model_quick_runs_and_writes_json(tmp_path):
     assert list(static_cache) == list(bench.COMPILE_ROWS)
     for row in static_cache.values():
         assert row["same_tokens_as_dynamic_cache"] and row["median"] > 0 and len(row["per_round"]) == 1
+    bf16 = report["bf16_weights"]  # both models translate with bf16 weights in the same rounds
+    assert list(bf16) == list(bench.BF16_ROWS.values())
+    assert all(row["median"] > 0 and len(row["per_round"]) == 1 for row in bf16.values())
