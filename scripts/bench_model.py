@@ -18,9 +18,11 @@ the backend's packed inference weights buy) and NLLB-MoE with the same backend a
 experts included, on the library the probe chose for Linear layers). Every timed translation follows the same
 translation untimed: after a training step the backend re-packs its inference weights once (timed on its own,
 printed under the table), which is a per-model cost, not translation speed.
-Both models also translate with bf16 weights in the same rounds, loaded as `hf-moe-mt translate --dtype bfloat16`
-loads ours (`from_pretrained(dtype=torch.bfloat16)`: each model's fp32-kept modules stay fp32, ours' routers);
-half the bytes per weight read in each decoding step, and a numerics change (`--no-bf16` skips these rows).
+Both models also run in bf16, in the same rounds (`--no-bf16` skips it): training under bf16 autocast with fp32
+weights, as `Seq2SeqTrainer(bf16=True)` and our `training.bf16` run it, and translation with bf16 weights, loaded
+as `hf-moe-mt translate --dtype bfloat16` loads ours (`from_pretrained(dtype=torch.bfloat16)`: each model's
+fp32-kept modules stay fp32, ours' routers). Like for like with each other, not with the fp32 rows: bf16 changes
+the numerics.
 
 Same sizes on both sides: d_model, layers, heads, vocabulary, one FFN width for dense layers and experts, MoE
 in every `--sparse-step`-th layer, `--experts` experts, top-2 (NLLB-MoE's only mode), dropout 0.1, no
@@ -83,11 +85,12 @@ class Contender:
         # fused=True: what the Trainer uses by default (`adamw_torch_fused`); one pass over each parameter
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-4, fused=True)
 
-    def train_step(self, batch: dict, gemm: str = "default") -> None:
+    def train_step(self, batch: dict, gemm: str = "default", bf16: bool = False) -> None:
         self.model.train()
         with gemm_backend(self.model, gemm):
-            loss = self.model(**batch, **self.extra_forward_kwargs).loss
-            loss.backward()
+            with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = self.model(**batch, **self.extra_forward_kwargs).loss
+            loss.backward()  # outside autocast, as the Trainer runs it
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -151,7 +154,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add("--no-gemm-variants", action="store_true", help="skip the two CPU rows per metric that swap GEMM backends")
     add("--compile-backend", default="inductor", help="torch.compile backend of the compiled translation row")
     add("--no-compile", action="store_true", help="skip the static-cache and compiled beam translation rows")
-    add("--no-bf16", action="store_true", help="skip the translation rows with bf16 weights")
+    add("--no-bf16", action="store_true", help="skip the bf16 rows (autocast training, bf16-weight translation)")
     add("--seed", type=int, default=0)
     add("--json", default=None, help="also write the results to this JSON file")
     if parser.parse_args(argv).quick:  # tiny defaults; flags given explicitly still win
@@ -244,23 +247,23 @@ def warm_up_static_cache_translators(ours: Contender, translators: list[Contende
     return report
 
 
-# both models translating with bf16 weights (the rows' names)
-BF16_ROWS = {"ours": "ours, bf16 weights", "nllb_moe": "NLLB-MoE, bf16 weights"}
+# the bf16 rows' names: training under bf16 autocast, translation with bf16 weights
+BF16_ROWS = {"ours": "ours, bf16", "nllb_moe": "NLLB-MoE, bf16"}
 
 
-def bf16_translators(contenders: list[Contender], args) -> list[Contender]:
+def bf16_translators(contenders: list[Contender], args) -> dict[str, Contender]:
     """A bf16 copy of each model, saved and loaded with `from_pretrained(dtype=torch.bfloat16)` as
     `hf-moe-mt translate --dtype bfloat16` loads ours (each class keeps its fp32 modules, ours' routers, in fp32);
     ours gets the CPU backend as the translate command applies it, NLLB-MoE stays as shipped."""
-    copies = []
+    copies = {}
     for contender in contenders:
         with tempfile.TemporaryDirectory() as folder:
             contender.model.save_pretrained(folder)
             model = type(contender.model).from_pretrained(folder, dtype=torch.bfloat16).to(args.device)
         if contender.name == "ours" and args.device == "cpu":
             enable_fast_cpu(model)
-        copies.append(Contender(BF16_ROWS[contender.name], model, contender.extra_forward_kwargs,
-                                contender.generate_kwargs))
+        copies[contender.name] = Contender(BF16_ROWS[contender.name], model, contender.extra_forward_kwargs,
+                                           contender.generate_kwargs)
     return copies
 
 
@@ -311,7 +314,11 @@ def run(args) -> dict:
     repack = repack_seconds(by_name["ours"], translate_inputs, args) if packs else 0.0  # 0: nothing is packed
     compiled_rows = [] if args.no_compile else static_cache_translators(by_name["ours"], args.compile_backend)
     first_calls = warm_up_static_cache_translators(by_name["ours"], compiled_rows, translate_inputs, args)
-    bf16_rows = [] if args.no_bf16 else bf16_translators(contenders, args)
+    bf16_copies = {} if args.no_bf16 else bf16_translators(contenders, args)
+    bf16_results = {name: {metric: [] for metric in TARGETS} for name in bf16_copies}
+    for contender in contenders if bf16_copies else ():
+        contender.train_step(train_batch, bf16=True)
+        bf16_copies[contender.name].translate(translate_inputs, args.beams, 2)
     # 2.
     for round_index in range(args.rounds):
         order = contenders if round_index % 2 == 0 else contenders[::-1]
@@ -328,9 +335,15 @@ def run(args) -> dict:
             variant_results[row]["train_tokens_per_s"].append(args.train_steps * train_tokens / seconds)
             seconds = translation_seconds(contender, translate_inputs, args, gemm)
             variant_results[row]["translate_sentences_per_s"].append(args.translate_batch_size / seconds)
-        for contender in compiled_rows + (bf16_rows if round_index % 2 == 0 else bf16_rows[::-1]):
+        for contender in compiled_rows:
             seconds = translation_seconds(contender, translate_inputs, args)
             contender.results["translate_sentences_per_s"].append(args.translate_batch_size / seconds)
+        for contender in order if bf16_copies else ():
+            seconds = _timed(lambda: [contender.train_step(train_batch, bf16=True) for _ in range(args.train_steps)],
+                             args.device)
+            bf16_results[contender.name]["train_tokens_per_s"].append(args.train_steps * train_tokens / seconds)
+            seconds = translation_seconds(bf16_copies[contender.name], translate_inputs, args)
+            bf16_results[contender.name]["translate_sentences_per_s"].append(args.translate_batch_size / seconds)
         print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
     # 3.
     medians = {c.name: {metric: statistics.median(values) for metric, values in c.results.items()}
@@ -343,9 +356,8 @@ def run(args) -> dict:
                 for c in compiled_rows}
     return {"args": vars(args), "parameters": parameters, "repack_seconds": repack, "expert_rows_per_token": rows,
             "static_cache": compiled,
-            "bf16_weights": {c.name: {"per_round": c.results["translate_sentences_per_s"],
-                                      "median": statistics.median(c.results["translate_sentences_per_s"])}
-                             for c in bf16_rows},
+            "bf16": {name: {"per_round": values, "median": {metric: statistics.median(v) for metric, v in values.items()}}
+                     for name, values in bf16_results.items()},
             "per_round": {c.name: c.results for c in contenders},
             "median": medians, "ratio_ours_over_nllb": ratios,
             "gemm_variants": {row: {"per_round": values,
@@ -418,20 +430,21 @@ def format_static_cache_rows(report: dict) -> list[str]:
 
 
 def format_bf16_rows(report: dict) -> list[str]:
-    rows = report["bf16_weights"]
+    rows = report["bf16"]
     if not rows:
         return []
-    fp32 = report["median"]
-    nllb_fp32, nllb_bf16 = fp32["nllb_moe"]["translate_sentences_per_s"], rows[BF16_ROWS["nllb_moe"]]["median"]
-    lines = ["", f"beam-{report['args']['beams']} translation with bf16 weights (same rounds; from_pretrained(dtype="
-                 f"bfloat16), fp32-kept modules stay fp32):",
-             f"| {'row':<27} | {'sent/s':>8} | {'÷ own fp32':>10} | {'÷ NLLB fp32':>11} | {'÷ NLLB bf16':>11} |",
-             f"|{'-' * 29}|{'-' * 10}|{'-' * 12}|{'-' * 13}|{'-' * 13}|"]
+    nllb_fp32, nllb_bf16 = report["median"]["nllb_moe"], rows["nllb_moe"]["median"]
+    lines = ["", "bf16 (same rounds): training under bf16 autocast (fp32 weights), beam translation with bf16 weights "
+                 "(from_pretrained(dtype=bfloat16), fp32-kept modules stay fp32):",
+             f"| {'row':<16} | {'train tok/s':>11} | {'÷ NLLB fp32':>11} | {'÷ NLLB bf16':>11} | "
+             f"{'translate sent/s':>16} | {'÷ NLLB fp32':>11} | {'÷ NLLB bf16':>11} |",
+             f"|{'-' * 18}|{'-' * 13}|{'-' * 13}|{'-' * 13}|{'-' * 18}|{'-' * 13}|{'-' * 13}|"]
     for name, row_name in BF16_ROWS.items():
-        speed = rows[row_name]["median"]
-        own = fp32[name]["translate_sentences_per_s"]
-        lines.append(f"| {row_name:<27} | {speed:>8.2f} | {speed / own:>9.2f}x | {speed / nllb_fp32:>10.2f}x | "
-                     f"{speed / nllb_bf16:>10.2f}x |")
+        train, translate = (rows[name]["median"][metric] for metric in TARGETS)
+        lines.append(f"| {row_name:<16} | {train:>11.1f} | {train / nllb_fp32['train_tokens_per_s']:>10.2f}x | "
+                     f"{train / nllb_bf16['train_tokens_per_s']:>10.2f}x | {translate:>16.2f} | "
+                     f"{translate / nllb_fp32['translate_sentences_per_s']:>10.2f}x | "
+                     f"{translate / nllb_bf16['translate_sentences_per_s']:>10.2f}x |")
     return lines
 
 
