@@ -28,7 +28,7 @@ Same sizes on both sides: d_model, layers, heads, vocabulary, one FFN width for 
 in every `--sparse-step`-th layer, `--experts` experts, top-2 (NLLB-MoE's only mode), dropout 0.1, no
 layerdrop, no expert token dropout; NLLB-MoE's per-expert capacity is set to ours in training
 (ceil(cf·k·T/E)), and both translate without dropping (NLLB: eval token fraction 1.0; ours: dropless).
-Targets (issue 3): training ≥ 3× NLLB-MoE, translation ≥ 2×.
+Targets: training ≥ 3× NLLB-MoE, translation ≥ 2×.
 
   python scripts/bench_model.py                      # d_model 512, 6+6 layers, 16 experts, top-2 (minutes)
   python scripts/bench_model.py --quick              # tiny sizes: checks that everything runs (seconds)
@@ -47,11 +47,11 @@ MEMORY_SETTINGS = apply_memory_settings()
 
 import argparse  # noqa: E402
 import copy  # noqa: E402
-import tempfile  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
@@ -294,6 +294,11 @@ def repack_seconds(contender: Contender, inputs: dict, args) -> float:
     return cold - warm
 
 
+def _medians(results: dict[str, list[float]]) -> dict[str, float]:
+    """{metric: median over rounds} of {metric: per-round values}."""
+    return {metric: statistics.median(values) for metric, values in results.items()}
+
+
 def run(args) -> dict:
     """1. build and warm up  2. rounds: each model trains, then translates (first model alternates)  3. medians."""
     # 1.
@@ -315,7 +320,6 @@ def run(args) -> dict:
     compiled_rows = [] if args.no_compile else static_cache_translators(by_name["ours"], args.compile_backend)
     first_calls = warm_up_static_cache_translators(by_name["ours"], compiled_rows, translate_inputs, args)
     bf16_copies = {} if args.no_bf16 else bf16_translators(contenders, args)
-    bf16_results = {name: {metric: [] for metric in TARGETS} for name in bf16_copies}
     for contender in contenders if bf16_copies else ():
         contender.train_step(train_batch, bf16=True)
         bf16_copies[contender.name].translate(translate_inputs, args.beams, 2)
@@ -341,13 +345,13 @@ def run(args) -> dict:
         for contender in order if bf16_copies else ():
             seconds = _timed(lambda: [contender.train_step(train_batch, bf16=True) for _ in range(args.train_steps)],
                              args.device)
-            bf16_results[contender.name]["train_tokens_per_s"].append(args.train_steps * train_tokens / seconds)
-            seconds = translation_seconds(bf16_copies[contender.name], translate_inputs, args)
-            bf16_results[contender.name]["translate_sentences_per_s"].append(args.translate_batch_size / seconds)
+            bf16 = bf16_copies[contender.name]  # its row: the model's autocast training, the copy's translation
+            bf16.results["train_tokens_per_s"].append(args.train_steps * train_tokens / seconds)
+            seconds = translation_seconds(bf16, translate_inputs, args)
+            bf16.results["translate_sentences_per_s"].append(args.translate_batch_size / seconds)
         print(f"round {round_index + 1}/{args.rounds} done", file=sys.stderr)
     # 3.
-    medians = {c.name: {metric: statistics.median(values) for metric, values in c.results.items()}
-               for c in contenders}
+    medians = {c.name: _medians(c.results) for c in contenders}
     ratios = {metric: medians["ours"][metric] / medians["nllb_moe"][metric] for metric in TARGETS}
     parameters = {c.name: sum(p.numel() for p in c.model.parameters()) for c in contenders}
     rows = {c.name: expert_rows_per_token(c, train_batch) for c in contenders}
@@ -356,12 +360,10 @@ def run(args) -> dict:
                 for c in compiled_rows}
     return {"args": vars(args), "parameters": parameters, "repack_seconds": repack, "expert_rows_per_token": rows,
             "static_cache": compiled,
-            "bf16": {name: {"per_round": values, "median": {metric: statistics.median(v) for metric, v in values.items()}}
-                     for name, values in bf16_results.items()},
+            "bf16": {name: {"per_round": c.results, "median": _medians(c.results)} for name, c in bf16_copies.items()},
             "per_round": {c.name: c.results for c in contenders},
             "median": medians, "ratio_ours_over_nllb": ratios,
-            "gemm_variants": {row: {"per_round": values,
-                                    "median": {metric: statistics.median(v) for metric, v in values.items()}}
+            "gemm_variants": {row: {"per_round": values, "median": _medians(values)}
                               for row, values in variant_results.items()}, "targets": TARGETS,
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
             "machine": describe_machine(),
