@@ -10,6 +10,11 @@ and checkpoint saves during training included) and carries over a resume: the ca
 in every checkpoint's `trainer_state.json` (transformers' `ExportableState`) and read back from there. Under
 several processes the slowest rank's clock decides, for all of them at the same step (one all-reduce of a
 float per step): ranks that stopped at different steps would hang in the next collective.
+
+`cooldown` > 0 ends the run with the learning rate decayed linearly to zero over that last fraction of the budget
+(or of `max_steps`, whichever ends first): the warmup-stable-decay idea for a run whose step count is unknown in
+advance. The schedule's own lambda is multiplied by the cooldown factor, so a resumed run continues the same
+decay (the factor depends only on the time spent and the step).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
@@ -25,13 +31,18 @@ from .metrics import collective_device
 
 
 class TimeBudgetCallback(TrainerCallback, ExportableState):
-    """Stops training once `minutes` of training time are spent; the step that crosses the budget is saved."""
+    """Stops training once `minutes` of training time are spent; the step that crosses the budget is saved.
+    With `cooldown`, the last fraction of the budget decays the learning rate linearly to zero."""
 
-    def __init__(self, minutes: float):
+    def __init__(self, minutes: float, cooldown: float = 0.0):
         if not minutes > 0:
             raise ValueError(f"time budget must be a positive number of minutes, got {minutes!r}")
+        if not 0.0 <= cooldown < 1.0:
+            raise ValueError(f"cooldown must be a fraction of the budget in [0, 1), got {cooldown!r}")
         self.minutes = float(minutes)
+        self.cooldown = float(cooldown)
         self.elapsed_before = 0.0  # seconds spent by earlier runs of a resumed training
+        self.lr_factor = 1.0  # the cooldown's multiplier on the schedule, read when the scheduler steps
         self._started: float | None = None
 
     @property
@@ -40,16 +51,52 @@ class TimeBudgetCallback(TrainerCallback, ExportableState):
         return self.elapsed_before + running
 
     def state(self) -> dict:
-        return {"args": {"minutes": self.minutes}, "attributes": {"elapsed_before": self.elapsed_seconds}}
+        return {"args": {"minutes": self.minutes, "cooldown": self.cooldown},
+                "attributes": {"elapsed_before": self.elapsed_seconds}}
+
+    def progress(self, elapsed_seconds: float, step: int, max_steps: int) -> float:
+        """Fraction of the run done: of the time budget or of max_steps, whichever is further along."""
+        by_steps = step / max_steps if max_steps and max_steps > 0 else 0.0
+        return max(elapsed_seconds / (60 * self.minutes), by_steps)
+
+    def cooldown_factor(self, progress: float) -> float:
+        if self.cooldown == 0.0:
+            return 1.0
+        return min(1.0, max(0.0, (1.0 - progress) / self.cooldown))
 
     def on_train_begin(self, args, state, control, **kwargs):
         saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step else None
         if isinstance(saved, dict):  # a resumed run: the checkpoint's trainer_state.json holds the time spent
             self.elapsed_before = float(saved.get("attributes", {}).get("elapsed_before", 0.0))
         self._started = time.monotonic()
+        if self.cooldown:
+            self._scale_schedule(kwargs.get("lr_scheduler"))
+            self.lr_factor = self.cooldown_factor(self.progress(self.elapsed_before, state.global_step,
+                                                                state.max_steps))
+
+    def _scale_schedule(self, scheduler) -> None:
+        """Multiply every lambda of the run's LambdaLR by `lr_factor` (closures, so the scheduler's state_dict
+        stays as transformers saves it)."""
+        scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
+        if not isinstance(scheduler, LambdaLR):
+            raise ValueError(f"--cooldown needs a LambdaLR schedule (inverse_sqrt, linear, cosine, constant, ...), "
+                             f"got {type(scheduler).__name__}; drop --cooldown or change training.lr_scheduler_type")
+        if any(getattr(fn, "cooled_by", None) is self for fn in scheduler.lr_lambdas):
+            return  # a second train() call on the same trainer
+        scheduler.lr_lambdas = [self._cooled(inner) for inner in scheduler.lr_lambdas]
+
+    def _cooled(self, inner):
+        def cooled(step):
+            return inner(step) * self.lr_factor
+
+        cooled.cooled_by = self
+        return cooled
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self._agreed_elapsed_seconds() >= 60 * self.minutes and not control.should_training_stop:
+        elapsed = self._agreed_elapsed_seconds()
+        if self.cooldown:
+            self.lr_factor = self.cooldown_factor(self.progress(elapsed, state.global_step, state.max_steps))
+        if elapsed >= 60 * self.minutes and not control.should_training_stop:
             control.should_training_stop = True
             control.should_save = True
         return control

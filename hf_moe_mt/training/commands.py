@@ -1,5 +1,5 @@
-"""`hf-moe-mt train --config CONFIG.yaml [--resume | --resume-from CHECKPOINT] [--time-budget MINUTES]
-[section.key=value ...]`:
+"""`hf-moe-mt train --config CONFIG.yaml [--resume | --resume-from CHECKPOINT] [--time-budget MINUTES
+[--cooldown FRACTION]] [section.key=value ...]`:
 argparse over config.load_train_config and run.run_training. Errors are ValueError/FileNotFoundError, printed
 as one line by cli.py (on every rank: each process checks the same things at startup)."""
 
@@ -24,6 +24,9 @@ def add_train_parser(subparsers) -> None:
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
                         help="stop after this many minutes of training (or at training.max_steps, whichever comes "
                         "first); a resumed run counts the time already spent")
+    parser.add_argument("--cooldown", type=float, default=0.0, metavar="FRACTION",
+                        help="with --time-budget: decay the learning rate linearly to zero over this last fraction "
+                        "of the budget (or of max_steps, whichever ends first), e.g. 0.2")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override config entries, e.g. training.max_steps=50 model.config.num_experts=8")
     parser.set_defaults(func=run_train)
@@ -34,8 +37,11 @@ def run_train(args: argparse.Namespace) -> int:
     from .config import load_train_config
     from .run import run_training
 
+    if args.cooldown and args.time_budget is None:
+        raise ValueError("--cooldown decays the learning rate over the end of a --time-budget; add --time-budget "
+                         "MINUTES (without a budget use training.lr_scheduler_type=warmup_stable_decay)")
     config = load_train_config(args.config, args.overrides)
-    callbacks = [TimeBudgetCallback(args.time_budget)] if args.time_budget is not None else []
+    callbacks = [TimeBudgetCallback(args.time_budget, args.cooldown)] if args.time_budget is not None else []
     summary = run_training(config, resume=args.resume_from or args.resume or None, callbacks=callbacks)
     if _is_main_process():
         print(json.dumps(summary, default=str))

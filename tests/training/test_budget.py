@@ -42,7 +42,7 @@ def test_stops_at_the_step_that_crosses_the_budget_and_saves_it(clock):
     assert _step(callback, state, control) == (False, False)
     clock.now += 1.5
     assert _step(callback, state, control) == (True, True)
-    assert callback.state() == {"args": {"minutes": 1.0}, "attributes": {"elapsed_before": 60.5}}
+    assert callback.state() == {"args": {"minutes": 1.0, "cooldown": 0.0}, "attributes": {"elapsed_before": 60.5}}
 
 
 def test_a_resumed_run_counts_the_time_its_checkpoint_recorded(clock):
@@ -75,3 +75,60 @@ def test_train_command_stops_on_its_budget_with_the_time_in_the_checkpoint(fixtu
     trainer_state = json.loads((output / "checkpoint-1" / "trainer_state.json").read_text())
     elapsed = trainer_state["stateful_callbacks"]["TimeBudgetCallback"]["attributes"]["elapsed_before"]
     assert elapsed >= 0.006
+
+
+def test_cooldown_decays_the_schedule_linearly_to_zero_over_the_last_fraction_of_the_budget(clock):
+    import torch
+
+    from transformers.optimization import get_inverse_sqrt_schedule
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_inverse_sqrt_schedule(optimizer, num_warmup_steps=1)
+    callback, state, control = TimeBudgetCallback(1.0, cooldown=0.25), TrainerState(max_steps=10**6), TrainerControl()
+    callback.on_train_begin(ARGS, state, control, lr_scheduler=scheduler)
+    callback.on_train_begin(ARGS, state, control, lr_scheduler=scheduler)  # wraps once, not twice
+    factors = []
+    for seconds in (30.0, 15.0, 7.5, 7.5):  # 30 s, 45 s (cooldown starts), 52.5 s, 60 s (budget spent)
+        clock.now += seconds
+        state.global_step += 1
+        callback.on_step_end(ARGS, state, control)
+        scheduler.step()
+        factors.append(scheduler.get_last_lr()[0] / get_inverse_sqrt_schedule(
+            torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 1).lr_lambdas[0](state.global_step))
+    assert factors == pytest.approx([1.0, 1.0, 0.5, 0.0])
+    assert control.should_training_stop
+    assert "cooled_by" not in str(scheduler.state_dict())  # the checkpoint's scheduler.pt stays plain data
+
+
+def test_cooldown_follows_max_steps_when_they_end_before_the_budget(clock):
+    callback = TimeBudgetCallback(60.0, cooldown=0.5)
+    assert callback.cooldown_factor(callback.progress(0.0, 50, 100)) == 1.0
+    assert callback.cooldown_factor(callback.progress(0.0, 75, 100)) == pytest.approx(0.5)
+    assert callback.cooldown_factor(callback.progress(30 * 60 * 1.5, 10, 100)) == pytest.approx(0.5)  # time leads
+
+
+@pytest.mark.parametrize("cooldown", [-0.1, 1.0])
+def test_the_cooldown_is_a_fraction_below_one(cooldown):
+    with pytest.raises(ValueError, match=r"cooldown must be a fraction of the budget in \[0, 1\)"):
+        TimeBudgetCallback(1.0, cooldown)
+
+
+def test_train_command_cools_the_learning_rate_down_to_zero(fixture_data, tmp_path):
+    output = tmp_path / "run"
+    # a budget far longer than the run: max_steps ends it, the last half of the steps decays to zero
+    check_ok(run_cli(train_argv(fixture_data, output, "training.max_steps=8", "training.save_steps=100",
+                                "training.logging_steps=1", "training.warmup_steps=0",
+                                "training.lr_scheduler_type=constant", "training.eval_strategy=no",
+                                "evaluation.bleu_steps=0") + ["--time-budget", "60", "--cooldown", "0.5"]))
+    history = json.loads((output / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]
+    rates = [row["learning_rate"] for row in history if "learning_rate" in row]
+    peak = rates[0]
+    # the factor agreed at the end of step s (progress s/8) is read by the scheduler in step s + 1, which sets
+    # the rate step s + 2 uses (and logs): two steps of lag out of thousands in a real run
+    assert rates == pytest.approx([peak] * 6 + [peak * 0.75, peak * 0.5])
+
+
+def test_cooldown_without_a_budget_is_refused_in_one_line(fixture_data, tmp_path):
+    result = run_cli(train_argv(fixture_data, tmp_path / "run", "training.max_steps=2") + ["--cooldown", "0.2"])
+    assert result.returncode != 0
+    assert "--cooldown decays the learning rate over the end of a --time-budget" in result.stderr
