@@ -22,7 +22,9 @@ Both models also run in bf16, in the same rounds (`--no-bf16` skips it): trainin
 weights, as `Seq2SeqTrainer(bf16=True)` and our `training.bf16` run it, and translation with bf16 weights, loaded
 as `hf-moe-mt translate --dtype bfloat16` loads ours (`from_pretrained(dtype=torch.bfloat16)`: each model's
 fp32-kept modules stay fp32, ours' routers). Like for like with each other, not with the fp32 rows: bf16 changes
-the numerics.
+the numerics. On CPU ours trains in bf16 with the attention our train command picks under bf16 autocast (the
+bf16 attention probe of `hf_moe_mt.backends.precision`: eager where SDPA's CPU kernel is slower), NLLB-MoE as
+shipped (SDPA).
 
 Same sizes on both sides: d_model, layers, heads, vocabulary, one FFN width for dense layers and experts, MoE
 in every `--sparse-step`-th layer, `--experts` experts, top-2 (NLLB-MoE's only mode), dropout 0.1, no
@@ -63,6 +65,7 @@ import hf_moe_mt  # noqa: E402
 from hf_moe_mt.backends import (  # noqa: E402
     choose_gemm, describe_machine, disable_fast_cpu, enable_fast_cpu, forget_packed_weights,
 )
+from hf_moe_mt.backends.precision import cpu_bf16_attention_choice  # noqa: E402
 from hf_moe_mt.moe import GroupedExperts  # noqa: E402
 
 TARGETS = {"train_tokens_per_s": 3.0, "translate_sentences_per_s": 2.0}
@@ -78,6 +81,7 @@ class Contender:
     model: torch.nn.Module
     extra_forward_kwargs: dict
     generate_kwargs: dict = field(default_factory=dict)
+    bf16_attention: str | None = None  # the attention implementation it trains with under bf16 autocast
     optimizer: torch.optim.Optimizer = field(init=False)
     results: dict = field(default_factory=lambda: {"train_tokens_per_s": [], "translate_sentences_per_s": []})
 
@@ -87,7 +91,7 @@ class Contender:
 
     def train_step(self, batch: dict, gemm: str = "default", bf16: bool = False) -> None:
         self.model.train()
-        with gemm_backend(self.model, gemm):
+        with gemm_backend(self.model, gemm), attention(self.model, self.bf16_attention if bf16 else None):
             with torch.autocast(self.model.device.type, dtype=torch.bfloat16, enabled=bf16):
                 loss = self.model(**batch, **self.extra_forward_kwargs).loss
             loss.backward()  # outside autocast, as the Trainer runs it
@@ -120,6 +124,19 @@ def gemm_backend(model: torch.nn.Module, gemm: str):
             enable_fast_cpu(model)
         elif gemm == "backend":
             disable_fast_cpu(model)
+
+
+@contextmanager
+def attention(model: torch.nn.Module, implementation: str | None):
+    """The model's attention switched to `implementation` for the block (None: unchanged)."""
+    before = model.config._attn_implementation
+    if implementation is not None and implementation != before:
+        model.set_attn_implementation(implementation)
+    try:
+        yield
+    finally:
+        if model.config._attn_implementation != before:
+            model.set_attn_implementation(before)
 
 
 # rows that separate the CPU backend from the model: (row name, contender, gemm)
@@ -182,9 +199,11 @@ def build_models(args) -> list[Contender]:
         **common, expert_capacity=capacity, encoder_layerdrop=0.0, decoder_layerdrop=0.0, moe_token_dropout=0.0,
         moe_eval_capacity_token_fraction=1.0,
     ))
+    bf16_attention = None
     if args.device == "cpu":
         enable_fast_cpu(ours)
-    return [Contender("ours", ours.to(args.device), {}),
+        bf16_attention = None if args.no_bf16 else cpu_bf16_attention_choice().implementation
+    return [Contender("ours", ours.to(args.device), {}, bf16_attention=bf16_attention),
             Contender("nllb_moe", nllb.to(args.device), {"output_router_logits": True})]
 
 
@@ -368,6 +387,7 @@ def run(args) -> dict:
             "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
             "machine": describe_machine(),
             "cpu_backend": choose_gemm().describe() if args.device == "cpu" else "not used (CUDA)",
+            "bf16_attention": cpu_bf16_attention_choice().describe() if bf16_copies and args.device == "cpu" else None,
             "memory_settings": MEMORY_SETTINGS}
 
 
@@ -441,6 +461,8 @@ def format_bf16_rows(report: dict) -> list[str]:
              f"| {'row':<16} | {'train tok/s':>11} | {'÷ NLLB fp32':>11} | {'÷ NLLB bf16':>11} | "
              f"{'translate sent/s':>16} | {'÷ NLLB fp32':>11} | {'÷ NLLB bf16':>11} |",
              f"|{'-' * 18}|{'-' * 13}|{'-' * 13}|{'-' * 13}|{'-' * 18}|{'-' * 13}|{'-' * 13}|"]
+    if report.get("bf16_attention"):
+        lines.insert(1, f"ours trains with {report['bf16_attention']}; NLLB-MoE with SDPA")
     for name, row_name in BF16_ROWS.items():
         train, translate = (rows[name]["median"][metric] for metric in TARGETS)
         lines.append(f"| {row_name:<16} | {train:>11.1f} | {train / nllb_fp32['train_tokens_per_s']:>10.2f}x | "

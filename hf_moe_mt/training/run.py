@@ -209,6 +209,22 @@ def enable_cpu_backend(model, device) -> str | None:
     return enable_fast_cpu(model).describe()
 
 
+def choose_cpu_bf16_attention(model, config: TrainConfig, args) -> str | None:
+    """Under bf16 autocast on a CPU, the attention the bf16 attention probe measured faster (SDPA's CPU flash
+    backward can be several times slower in bf16 than eager attention); a description of the choice, else
+    nothing. An `attn_implementation` in the model config is the user's choice and stays."""
+    if args.device.type != "cpu" or not args.bf16 or "attn_implementation" in config.model.config:
+        return None
+    if model.config._attn_implementation != "sdpa":
+        return None
+    from ..backends.precision import cpu_bf16_attention_choice
+
+    choice = cpu_bf16_attention_choice()
+    if choice.implementation != model.config._attn_implementation:
+        model.set_attn_implementation(choice.implementation)
+    return choice.describe()
+
+
 def build_datasets(config: TrainConfig, corpus, tokenizer, args):
     """(train examples, dev-loss examples or None, BLEU rows or None)."""
     from ..data import MultitaskConfig, build_multitask_dataset, build_translation_eval_dataset
@@ -261,6 +277,7 @@ def run_training(config: TrainConfig, resume: str | bool | None = None, callback
     tokenizer = prepare_tokenizer(config, corpus, args)
     model = build_model(config, tokenizer, args.seed)
     backend = enable_cpu_backend(model, args.device) if fast_cpu else None
+    attention = choose_cpu_bf16_attention(model, config, args)
     train, dev, bleu_rows = build_datasets(config, corpus, tokenizer, args)
     # 6.
     trainer = MoESeq2SeqTrainer(model=model, args=args, train_dataset=train, eval_dataset=dev,
@@ -282,7 +299,7 @@ def run_training(config: TrainConfig, resume: str | bool | None = None, callback
     final_dir = os.path.join(args.output_dir, FINAL_MODEL_DIR)
     trainer.save_model(final_dir)
     summary.update(model_dir=final_dir, expert_parallel_size=ep_size, world_size=args.world_size, cpu_backend=backend,
-                   bf16=args.bf16)
+                   bf16=args.bf16, cpu_bf16_attention=attention)
     if args.should_save:
         with open(os.path.join(args.output_dir, SUMMARY_FILE), "w", encoding="utf-8") as handle:
             json.dump(summary, handle, indent=1)

@@ -58,3 +58,62 @@ def test_explicit_values_pass_and_others_fail_with_one_line():
 def test_the_real_measurement_is_a_positive_ratio():
     ratio = precision.measure_time_ratio()
     assert math.isfinite(ratio) and ratio > 0
+
+
+@pytest.fixture
+def attention_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_MOE_MT_CACHE", str(tmp_path))
+    return tmp_path / precision.ATTENTION_CACHE_FILE
+
+
+def measured_attention(monkeypatch, ratio: float) -> list:
+    calls = []
+    monkeypatch.setattr(precision, "measure_attention_time_ratio", lambda: calls.append(ratio) or ratio)
+    return calls
+
+
+@pytest.mark.parametrize("ratio, expected", [(5.0, "eager"), (1.2, "eager"), (1.0, "sdpa"), (0.6, "sdpa")])
+def test_eager_attention_is_chosen_only_where_sdpa_measured_clearly_slower(attention_cache, monkeypatch, ratio,
+                                                                           expected):
+    calls = measured_attention(monkeypatch, ratio)
+    choice = precision.cpu_bf16_attention_choice()
+    assert (choice.implementation, choice.time_ratio, choice.source) == (expected, ratio, "probe")
+    assert precision.cpu_bf16_attention_choice().source == "cache" and len(calls) == 1
+    assert list(json.loads(attention_cache.read_text()).values())[0]["implementation"] == expected
+
+
+def test_the_real_attention_measurement_is_a_positive_ratio():
+    ratio = precision.measure_attention_time_ratio()
+    assert math.isfinite(ratio) and ratio > 0
+
+
+def _training_args(bf16: bool):
+    import types
+
+    import torch
+
+    return types.SimpleNamespace(device=torch.device("cpu"), bf16=bf16)
+
+
+def test_a_cpu_bf16_run_trains_with_the_measured_attention_unless_the_config_names_one(attention_cache, monkeypatch):
+    from hf_moe_mt.training.run import choose_cpu_bf16_attention
+    from tests.modeling.conftest import make_model
+
+    config = load_train_config(None, ["training.output_dir=unused", "training.report_to=[]"])
+    model = make_model()
+    assert model.config._attn_implementation == "sdpa"
+    measured_attention(monkeypatch, 1.0)
+    assert "sdpa attention" in choose_cpu_bf16_attention(model, config, _training_args(bf16=True))
+    assert model.config._attn_implementation == "sdpa"
+    measured_attention(monkeypatch, 3.0)
+    precision.cpu_bf16_attention_choice(again=True)
+    assert choose_cpu_bf16_attention(model, config, _training_args(bf16=False)) is None  # fp32: SDPA stays
+    assert model.config._attn_implementation == "sdpa"
+    assert "eager attention" in choose_cpu_bf16_attention(model, config, _training_args(bf16=True))
+    assert model.config._attn_implementation == "eager"
+    assert all(layer.self_attn.config._attn_implementation == "eager" for layer in model.model.decoder.layers)
+    named = load_train_config(None, ["training.output_dir=unused", "training.report_to=[]",
+                                     "model.config.attn_implementation=sdpa"])
+    model = make_model(attn_implementation="sdpa")
+    assert choose_cpu_bf16_attention(model, named, _training_args(bf16=True)) is None
+    assert model.config._attn_implementation == "sdpa"

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_model.py"
@@ -34,3 +35,4 @@ def test_bench_model_quick_runs_and_writes_json(tmp_path):
     for row in bf16.values():
         assert set(row["median"]) == set(bench.TARGETS) and min(row["median"].values()) > 0
         assert all(len(values) == 1 for values in row["per_round"].values())
+    assert re.match(r"(sdpa|eager) attention under bf16 autocast", report["bf16_attention"])  # ours', measured
