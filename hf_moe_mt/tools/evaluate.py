@@ -167,7 +167,7 @@ def evaluate_model(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike, 
     from tqdm.auto import tqdm
 
     from ..data.atomic import check_output_dir
-    from .translate import load_translator, translate
+    from .translate import dtype_name, load_translator, translate
 
     if max_sentences is not None and max_sentences <= 0:
         raise ValueError(f"max_sentences={max_sentences} must be positive")
@@ -194,7 +194,8 @@ def evaluate_model(model_dir: str | os.PathLike, corpus_dir: str | os.PathLike, 
             results[name] = _direction_result(texts[name][1], texts[name][2], tgt_lang, seconds)
     dataset, pivot = corpus_facts(Path(corpus_dir), split)
     report = _report(model_dir, corpus_dir, split, dataset, pivot, results, skipped,
-                     generation_settings(translator.model, num_beams, max_new_tokens, batch_size, dtype, generate_kwargs))
+                     generation_settings(translator.model, num_beams, max_new_tokens, batch_size,
+                                         dtype_name(translator.model), generate_kwargs))
     # 5.
     if output is not None:
         write_evaluation(report, texts, output, overwrite)

@@ -82,8 +82,22 @@ def test_bfloat16_translation_loads_bf16_weights_and_matches_float32_greedy_star
     # The first greedy token of each sentence is robust to bf16 rounding on this model.
     first = [translate(t, texts, num_beams=1, max_new_tokens=1) for t in (fp32, bf16)]
     assert first[0] == first[1]
-    with pytest.raises(ValueError, match="use one of float32, bfloat16"):
+    with pytest.raises(ValueError, match="use one of float32, bfloat16, auto"):
         load_translator(exported.output_dir, "de", "en", dtype="float16")
+
+
+@pytest.mark.parametrize("bf16_faster, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_dtype_translates_in_bf16_only_where_this_machine_measured_it_faster(exported, monkeypatch,
+                                                                                  bf16_faster, expected):
+    from hf_moe_mt.backends import precision
+    from hf_moe_mt.tools.translate import dtype_name, resolve_dtype
+
+    monkeypatch.setattr(precision, "cpu_bf16_choice",
+                        lambda again=False: precision.Bf16Choice(bf16_faster, 0.4 if bf16_faster else 2.0, "cache"))
+    translator = load_translator(exported.output_dir, "de", "en", batch_size=2, dtype="auto")
+    assert translator.model.dtype == expected
+    assert dtype_name(translator.model) == {torch.bfloat16: "bfloat16", torch.float32: "float32"}[expected]
+    assert resolve_dtype("float32") == "float32" and resolve_dtype("bfloat16") == "bfloat16"  # no probe asked
 
 
 def test_translate_rejects_unknown_language_with_the_available_ones(exported):
