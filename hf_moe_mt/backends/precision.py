@@ -17,7 +17,8 @@ A second probe answers which attention to train with under CPU bf16 autocast: to
 (what SDPA picks on a CPU) computes its backward several times slower in bf16 than in fp32 on some CPUs (4-10x
 measured on an AMX Xeon at verse lengths), where eager attention's bf16 matmuls gain like any GEMM. It times
 transformers' SDPA attention against the model's eager attention, forward + backward under bf16 autocast at a
-training-sized block, and picks eager when SDPA is clearly slower. Same cost and cache as the first probe.
+training-sized block, and picks eager when SDPA is clearly slower. It takes about as long as the first probe and
+is cached the same way, in its own file (`ATTENTION_CACHE_FILE`, keyed by machine and `ATTENTION_PROBE_VERSION`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ ROWS, D_IN, D_OUT = 256, 512, 2048
 MAX_TIME_RATIO = 0.7
 ATTENTION_CACHE_FILE = "cpu_bf16_attention_probe.json"
 ATTENTION_SHAPE = (64, 4, 32, 64)  # batch, heads, length, head size: a batch of verses
+ATTENTION_PROBE_VERSION = 1  # part of the cache key: a changed measurement invalidates old answers
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,7 @@ class AttentionChoice:
 def cpu_bf16_attention_choice(again: bool = False) -> AttentionChoice:
     """The cached answer for this machine, or a new measurement (then cached); `again` measures regardless."""
     fields, source = cached_measurement(
-        ATTENTION_CACHE_FILE, machine_key(),
+        ATTENTION_CACHE_FILE, f"{machine_key()}, attention probe v{ATTENTION_PROBE_VERSION}",
         lambda: asdict(_decide_attention(measure_attention_time_ratio(), "probe")), "bf16 attention probe", again,
         usable=lambda entry: isinstance(entry.get("time_ratio"), (int, float)))
     return _decide_attention(float(fields["time_ratio"]), source)

@@ -45,7 +45,8 @@ def register(subparsers) -> None:
                            help="default: the model's generation_config.json")
     translate.add_argument("--dtype", choices=["float32", "bfloat16", "auto"], default="float32",
                            help="bfloat16: faster beam search on GPUs and on CPUs with native bf16 (AVX512-BF16, "
-                           "AMX); auto: bfloat16 where this machine measured it faster, else float32")
+                           "AMX); auto: bfloat16 on a CUDA GPU with bf16 and on a CPU whose bf16 probe (the one "
+                           "training.bf16: auto uses) found bf16 GEMMs faster, else float32")
     translate.set_defaults(func=run_translate)
 
     evaluate = subparsers.add_parser(

@@ -17,23 +17,31 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DTYPE_CHOICES = (*DTYPES, "auto")
 
 
-def resolve_dtype(dtype: str, device=None) -> str:
-    """"float32" or "bfloat16". "auto" is bfloat16 where the machine computes it natively and faster: a CUDA
-    device with bf16 support, or a CPU whose cached bf16 probe measured bf16 GEMMs clearly faster
-    (`hf_moe_mt.backends.precision`; CPUs without native bf16 emulate it several times slower)."""
+def check_dtype(dtype: str) -> None:
     if dtype not in DTYPE_CHOICES:
         raise ValueError(f"dtype={dtype!r} is not supported; use one of {', '.join(DTYPE_CHOICES)}")
+
+
+def resolve_dtype(dtype: str, device=None) -> str:
+    """"float32" or "bfloat16". "auto" is bfloat16 where the device computes it natively: a CUDA device with bf16
+    support, or a CPU whose cached bf16 probe (`hf_moe_mt.backends.precision`, the one `training.bf16: auto`
+    uses: bf16-autocast GEMMs clearly faster than fp32) says so; CPUs without native bf16 emulate it several times
+    slower. Other accelerators get float32. `device` as the pipeline takes it (None or -1: CPU, 0: cuda:0, ...)."""
+    check_dtype(dtype)
     if dtype != "auto":
         return dtype
     from ..backends.precision import resolve_bf16
 
-    on_cuda = torch.device(device).type == "cuda" if device is not None else False
-    return "bfloat16" if resolve_bf16("auto", on_cuda=on_cuda) else "float32"
+    kind = "cpu" if device is None or device == -1 else torch.device(device).type
+    if kind not in ("cpu", "cuda"):
+        return "float32"
+    return "bfloat16" if resolve_bf16("auto", on_cuda=kind == "cuda") else "float32"
 
 
 def dtype_name(model) -> str:
     """The DTYPES name of a loaded model's weights (what decoding ran in)."""
-    return next(name for name, value in DTYPES.items() if value == model.dtype)
+    names = {value: name for name, value in DTYPES.items()}
+    return names.get(model.dtype, str(model.dtype).removeprefix("torch."))
 
 
 def load_translator(model_dir: str | os.PathLike, src_lang: str | None = None, tgt_lang: str | None = None,
@@ -47,7 +55,7 @@ def load_translator(model_dir: str | os.PathLike, src_lang: str | None = None, t
     on that random model; a trained bible-small model translated 1.64x faster on a 2-core AMX Xeon at the same
     BLEU). The router stays in float32. `dtype="auto"`: see `resolve_dtype`. On a CPU the measured CPU backend is
     applied (`hf_moe_mt.backends.enable_fast_cpu`) unless `fast_cpu=False`."""
-    dtype = resolve_dtype(dtype, device)
+    check_dtype(dtype)  # before the checks that read files; "auto" is resolved (maybe probed) just before loading
     path = Path(model_dir)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a model folder (no config.json); export one with `hf-moe-mt export`")
@@ -56,7 +64,7 @@ def load_translator(model_dir: str | os.PathLike, src_lang: str | None = None, t
         if code is not None and code not in tokenizer.language_codes:
             raise ValueError(f"language {code!r} is not known to this model; available: "
                              f"{', '.join(tokenizer.language_codes)}")
-    model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=DTYPES[resolve_dtype(dtype, device)])
     translator = pipeline("translation", model=model, tokenizer=tokenizer, src_lang=src_lang, tgt_lang=tgt_lang,
                           device=device, batch_size=batch_size)
     if fast_cpu and translator.model.device.type == "cpu":

@@ -79,8 +79,9 @@ class TimeBudgetCallback(TrainerCallback, ExportableState):
         stays as transformers saves it)."""
         scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
         if not isinstance(scheduler, LambdaLR):
-            raise ValueError(f"--cooldown needs a LambdaLR schedule (inverse_sqrt, linear, cosine, constant, ...), "
-                             f"got {type(scheduler).__name__}; drop --cooldown or change training.lr_scheduler_type")
+            raise ValueError(f"--cooldown needs a LambdaLR schedule (training.lr_scheduler_type inverse_sqrt, linear, "
+                             f"cosine, constant, ...), got {type(scheduler).__name__}; drop --cooldown, or change "
+                             f"training.lr_scheduler_type (or remove the scheduler section of the DeepSpeed config)")
         if any(getattr(fn, "cooled_by", None) is self for fn in scheduler.lr_lambdas):
             return  # a second train() call on the same trainer
         scheduler.lr_lambdas = [self._cooled(inner) for inner in scheduler.lr_lambdas]

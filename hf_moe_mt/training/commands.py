@@ -41,6 +41,9 @@ def run_train(args: argparse.Namespace) -> int:
         raise ValueError("--cooldown decays the learning rate over the end of a --time-budget; add --time-budget "
                          "MINUTES (without a budget use training.lr_scheduler_type=warmup_stable_decay)")
     config = load_train_config(args.config, args.overrides)
+    if args.cooldown and config.training.get("lr_scheduler_type") == "reduce_lr_on_plateau":
+        raise ValueError("--cooldown scales a step-based schedule; training.lr_scheduler_type=reduce_lr_on_plateau "
+                         "has none (use inverse_sqrt, linear, cosine or constant)")
     callbacks = [TimeBudgetCallback(args.time_budget, args.cooldown)] if args.time_budget is not None else []
     summary = run_training(config, resume=args.resume_from or args.resume or None, callbacks=callbacks)
     if _is_main_process():

@@ -212,8 +212,11 @@ def enable_cpu_backend(model, device) -> str | None:
 def choose_cpu_bf16_attention(model, config: TrainConfig, args) -> str | None:
     """Under bf16 autocast on a CPU, the attention the bf16 attention probe measured faster (SDPA's CPU flash
     backward can be several times slower in bf16 than eager attention); a description of the choice, else
-    nothing. An `attn_implementation` in the model config is the user's choice and stays."""
+    nothing. An `attn_implementation` in the model config is the user's choice and stays; with attention dropout
+    SDPA leaves the flash kernel the probe measures, so it stays too."""
     if args.device.type != "cpu" or not args.bf16 or "attn_implementation" in config.model.config:
+        return None
+    if getattr(model.config, "attention_dropout", 0.0):
         return None
     if model.config._attn_implementation != "sdpa":
         return None

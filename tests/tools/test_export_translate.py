@@ -92,12 +92,15 @@ def test_auto_dtype_translates_in_bf16_only_where_this_machine_measured_it_faste
     from hf_moe_mt.backends import precision
     from hf_moe_mt.tools.translate import dtype_name, resolve_dtype
 
-    monkeypatch.setattr(precision, "cpu_bf16_choice",
-                        lambda again=False: precision.Bf16Choice(bf16_faster, 0.4 if bf16_faster else 2.0, "cache"))
+    asked = []
+    monkeypatch.setattr(precision, "cpu_bf16_choice", lambda again=False: asked.append(1) or precision.Bf16Choice(
+        bf16_faster, 0.4 if bf16_faster else 2.0, "cache"))
     translator = load_translator(exported.output_dir, "de", "en", batch_size=2, dtype="auto")
-    assert translator.model.dtype == expected
+    assert translator.model.dtype == expected and len(asked) == 1
     assert dtype_name(translator.model) == {torch.bfloat16: "bfloat16", torch.float32: "float32"}[expected]
-    assert resolve_dtype("float32") == "float32" and resolve_dtype("bfloat16") == "bfloat16"  # no probe asked
+    assert resolve_dtype("float32") == "float32" and resolve_dtype("bfloat16") == "bfloat16"
+    assert resolve_dtype("auto", device=-1) == ("bfloat16" if bf16_faster else "float32")  # -1: the pipeline's CPU
+    assert len(asked) == 2  # explicit dtypes never ask the probe
 
 
 def test_translate_rejects_unknown_language_with_the_available_ones(exported):

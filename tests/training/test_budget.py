@@ -85,19 +85,44 @@ def test_cooldown_decays_the_schedule_linearly_to_zero_over_the_last_fraction_of
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     scheduler = get_inverse_sqrt_schedule(optimizer, num_warmup_steps=1)
     callback, state, control = TimeBudgetCallback(1.0, cooldown=0.25), TrainerState(max_steps=10**6), TrainerControl()
+    inverse_sqrt = scheduler.lr_lambdas[0]
     callback.on_train_begin(ARGS, state, control, lr_scheduler=scheduler)
     callback.on_train_begin(ARGS, state, control, lr_scheduler=scheduler)  # wraps once, not twice
-    factors = []
+    factors, rates = [], []
     for seconds in (30.0, 15.0, 7.5, 7.5):  # 30 s, 45 s (cooldown starts), 52.5 s, 60 s (budget spent)
         clock.now += seconds
+        scheduler.step()  # the Trainer's order: optimizer and scheduler step, then the step counts and ends
+        rates.append(scheduler.get_last_lr()[0] / inverse_sqrt(scheduler.last_epoch))
         state.global_step += 1
         callback.on_step_end(ARGS, state, control)
-        scheduler.step()
-        factors.append(scheduler.get_last_lr()[0] / get_inverse_sqrt_schedule(
-            torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0), 1).lr_lambdas[0](state.global_step))
+        factors.append(callback.lr_factor)
     assert factors == pytest.approx([1.0, 1.0, 0.5, 0.0])
+    assert rates == pytest.approx([1.0, 1.0, 1.0, 0.5])  # each factor is read by the next scheduler step
     assert control.should_training_stop
-    assert "cooled_by" not in str(scheduler.state_dict())  # the checkpoint's scheduler.pt stays plain data
+
+
+def test_the_cooled_schedule_saves_as_plain_data_and_a_resumed_run_continues_the_decay(clock, tmp_path):
+    import torch
+
+    from transformers.optimization import get_inverse_sqrt_schedule
+
+    def scheduler():
+        optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        return get_inverse_sqrt_schedule(optimizer, num_warmup_steps=1)
+
+    first, callback = scheduler(), TimeBudgetCallback(1.0, cooldown=0.5)
+    callback.on_train_begin(ARGS, TrainerState(max_steps=10**6), TrainerControl(), lr_scheduler=first)
+    first.step()
+    torch.save(first.state_dict(), tmp_path / "scheduler.pt")  # as the Trainer checkpoints it
+    # a resumed run: 45 s of the 60 s budget spent, half-way through the 30 s cooldown
+    saved = {"TimeBudgetCallback": {"args": {"minutes": 1.0, "cooldown": 0.5}, "attributes": {"elapsed_before": 45.0}}}
+    resumed, callback = scheduler(), TimeBudgetCallback(1.0, cooldown=0.5)
+    resumed.load_state_dict(torch.load(tmp_path / "scheduler.pt", weights_only=True))
+    state = TrainerState(global_step=1, max_steps=10**6, stateful_callbacks=saved)
+    callback.on_train_begin(ARGS, state, TrainerControl(), lr_scheduler=resumed)
+    assert callback.lr_factor == pytest.approx(0.5)
+    resumed.step()
+    assert resumed.get_last_lr()[0] == pytest.approx(0.5 * scheduler().lr_lambdas[0](resumed.last_epoch))
 
 
 def test_cooldown_follows_max_steps_when_they_end_before_the_budget(clock):
