@@ -64,6 +64,9 @@ class TimeBudgetCallback(TrainerCallback, ExportableState):
             return 1.0
         return min(1.0, max(0.0, (1.0 - progress) / self.cooldown))
 
+    def _cooldown_factor_at(self, elapsed_seconds: float, state) -> float:
+        return self.cooldown_factor(self.progress(elapsed_seconds, state.global_step, state.max_steps))
+
     def on_train_begin(self, args, state, control, **kwargs):
         saved = state.stateful_callbacks.get(type(self).__name__) if state.global_step else None
         if isinstance(saved, dict):  # a resumed run: the checkpoint's trainer_state.json holds the time spent
@@ -71,8 +74,7 @@ class TimeBudgetCallback(TrainerCallback, ExportableState):
         self._started = time.monotonic()
         if self.cooldown:
             self._scale_schedule(kwargs.get("lr_scheduler"))
-            self.lr_factor = self.cooldown_factor(self.progress(self.elapsed_before, state.global_step,
-                                                                state.max_steps))
+            self.lr_factor = self._cooldown_factor_at(self.elapsed_before, state)
 
     def _scale_schedule(self, scheduler) -> None:
         """Multiply every lambda of the run's LambdaLR by `lr_factor` (closures, so the scheduler's state_dict
@@ -95,8 +97,7 @@ class TimeBudgetCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args, state, control, **kwargs):
         elapsed = self._agreed_elapsed_seconds()
-        if self.cooldown:
-            self.lr_factor = self.cooldown_factor(self.progress(elapsed, state.global_step, state.max_steps))
+        self.lr_factor = self._cooldown_factor_at(elapsed, state)
         if elapsed >= 60 * self.minutes and not control.should_training_stop:
             control.should_training_stop = True
             control.should_save = True

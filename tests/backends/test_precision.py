@@ -16,9 +16,10 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / precision.CACHE_FILE
 
 
-def measured(monkeypatch, ratio: float) -> list:
+def measured(monkeypatch, ratio: float, measurement: str = "measure_time_ratio") -> list:
+    """`precision.<measurement>` replaced by one returning `ratio`; the list records each call."""
     calls = []
-    monkeypatch.setattr(precision, "measure_time_ratio", lambda: calls.append(ratio) or ratio)
+    monkeypatch.setattr(precision, measurement, lambda: calls.append(ratio) or ratio)
     return calls
 
 
@@ -61,15 +62,12 @@ def test_the_real_measurement_is_a_positive_ratio():
 
 
 @pytest.fixture
-def attention_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("HF_MOE_MT_CACHE", str(tmp_path))
-    return tmp_path / precision.ATTENTION_CACHE_FILE
+def attention_cache(cache):
+    return cache.with_name(precision.ATTENTION_CACHE_FILE)
 
 
 def measured_attention(monkeypatch, ratio: float) -> list:
-    calls = []
-    monkeypatch.setattr(precision, "measure_attention_time_ratio", lambda: calls.append(ratio) or ratio)
-    return calls
+    return measured(monkeypatch, ratio, "measure_attention_time_ratio")
 
 
 @pytest.mark.parametrize("ratio, expected", [(5.0, "eager"), (1.2, "eager"), (1.0, "sdpa"), (0.6, "sdpa")])
