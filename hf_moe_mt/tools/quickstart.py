@@ -68,11 +68,12 @@ def run_quickstart(output: str | os.PathLike, *, config: str | None = None, max_
                 "overrides": list(overrides), "test_sentences": test_sentences}
     _prepare_output(root, settings, overwrite)
     extra = [f"training.output_dir={root / 'train'}"] + ([f"training.max_steps={max_steps}"] if max_steps else [])
+    extra += [f"budget.minutes={time_budget}"] if time_budget else []
     train_config = load_train_config(settings["config"], [*extra, *overrides])
     seconds = {}
     # 1.
     start = time.perf_counter()
-    summary = _train_or_resume(train_config, time_budget)
+    summary = _train_or_resume(train_config)
     seconds["train"] = time.perf_counter() - start
     # 2.
     start = time.perf_counter()
@@ -90,9 +91,8 @@ def run_quickstart(output: str | os.PathLike, *, config: str | None = None, max_
     return report
 
 
-def _train_or_resume(train_config, time_budget: float | None) -> dict:
+def _train_or_resume(train_config) -> dict:
     """A finished training is read back; a run with checkpoints continues from the last complete one."""
-    from ..training.budget import TimeBudgetCallback
     from ..training.checkpoints import last_complete_checkpoint
     from ..training.run import SUMMARY_FILE, run_training
 
@@ -100,8 +100,7 @@ def _train_or_resume(train_config, time_budget: float | None) -> dict:
     if summary_file.is_file():
         return json.loads(summary_file.read_text())
     resume = last_complete_checkpoint(train_config.output_dir) is not None
-    callbacks = [TimeBudgetCallback(time_budget)] if time_budget else []
-    return run_training(train_config, resume=resume or None, callbacks=callbacks)
+    return run_training(train_config, resume=resume or None)
 
 
 def _export_once(root: Path, summary: dict) -> Path:

@@ -12,9 +12,11 @@ several processes the slowest rank's clock decides, for all of them at the same 
 float per step): ranks that stopped at different steps would hang in the next collective.
 
 `cooldown` > 0 ends the run with the learning rate decayed linearly to zero over that last fraction of the budget
-(or of `max_steps`, whichever ends first): the warmup-stable-decay idea for a run whose step count is unknown in
-advance. The schedule's own lambda is multiplied by the cooldown factor, so a resumed run continues the same
-decay (the factor depends only on the time spent and the step).
+(or of `max_steps`, whichever ends first; without a budget, of `max_steps`): the warmup-stable-decay idea for a
+run whose step count is unknown in advance. The schedule's own lambda is multiplied by the cooldown factor, so a
+resumed run continues the same decay (the factor depends only on the time spent and the step).
+
+Both come from the config's `budget` section (`budget_callback`), which `--time-budget` and `--cooldown` set.
 """
 
 from __future__ import annotations
@@ -30,16 +32,23 @@ from transformers.trainer_callback import ExportableState
 from .metrics import collective_device
 
 
-class TimeBudgetCallback(TrainerCallback, ExportableState):
-    """Stops training once `minutes` of training time are spent; the step that crosses the budget is saved.
-    With `cooldown`, the last fraction of the budget decays the learning rate linearly to zero."""
+def budget_callback(budget) -> "TimeBudgetCallback | None":
+    """The callback a config's `budget` section (BudgetConfig) asks for, or None when it asks for nothing."""
+    if budget.minutes is None and not budget.cooldown:
+        return None
+    return TimeBudgetCallback(budget.minutes, budget.cooldown)
 
-    def __init__(self, minutes: float, cooldown: float = 0.0):
-        if not minutes > 0:
+
+class TimeBudgetCallback(TrainerCallback, ExportableState):
+    """Stops training once `minutes` of training time are spent (None: no limit); the step that crosses the
+    budget is saved. With `cooldown`, the last fraction of the run decays the learning rate linearly to zero."""
+
+    def __init__(self, minutes: float | None, cooldown: float = 0.0):
+        if minutes is not None and not minutes > 0:
             raise ValueError(f"time budget must be a positive number of minutes, got {minutes!r}")
         if not 0.0 <= cooldown < 1.0:
             raise ValueError(f"cooldown must be a fraction of the budget in [0, 1), got {cooldown!r}")
-        self.minutes = float(minutes)
+        self.minutes = float(minutes) if minutes is not None else None
         self.cooldown = float(cooldown)
         self.elapsed_before = 0.0  # seconds spent by earlier runs of a resumed training
         self.lr_factor = 1.0  # the cooldown's multiplier on the schedule, read when the scheduler steps
@@ -57,7 +66,8 @@ class TimeBudgetCallback(TrainerCallback, ExportableState):
     def progress(self, elapsed_seconds: float, step: int, max_steps: int) -> float:
         """Fraction of the run done: of the time budget or of max_steps, whichever is further along."""
         by_steps = step / max_steps if max_steps and max_steps > 0 else 0.0
-        return max(elapsed_seconds / (60 * self.minutes), by_steps)
+        by_time = elapsed_seconds / (60 * self.minutes) if self.minutes is not None else 0.0
+        return max(by_time, by_steps)
 
     def cooldown_factor(self, progress: float) -> float:
         if self.cooldown == 0.0:
@@ -81,8 +91,9 @@ class TimeBudgetCallback(TrainerCallback, ExportableState):
         stays as transformers saves it)."""
         scheduler = getattr(scheduler, "scheduler", scheduler)  # accelerate's AcceleratedScheduler wraps it
         if not isinstance(scheduler, LambdaLR):
-            raise ValueError(f"--cooldown needs a LambdaLR schedule (training.lr_scheduler_type inverse_sqrt, linear, "
-                             f"cosine, constant, ...), got {type(scheduler).__name__}; drop --cooldown, or change "
+            raise ValueError(f"budget.cooldown (--cooldown) needs a LambdaLR schedule (training.lr_scheduler_type "
+                             f"constant_with_warmup, inverse_sqrt, linear, cosine, ...), got "
+                             f"{type(scheduler).__name__}; drop the cooldown, or change "
                              f"training.lr_scheduler_type (or remove the scheduler section of the DeepSpeed config)")
         if any(getattr(fn, "cooled_by", None) is self for fn in scheduler.lr_lambdas):
             return  # a second train() call on the same trainer
@@ -98,7 +109,7 @@ class TimeBudgetCallback(TrainerCallback, ExportableState):
     def on_step_end(self, args, state, control, **kwargs):
         elapsed = self._agreed_elapsed_seconds()
         self.lr_factor = self._cooldown_factor_at(elapsed, state)
-        if elapsed >= 60 * self.minutes and not control.should_training_stop:
+        if self.minutes is not None and elapsed >= 60 * self.minutes and not control.should_training_stop:
             control.should_training_stop = True
             control.should_save = True
         return control

@@ -13,7 +13,7 @@ def add_train_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a MoE translation model (single process, accelerate launch, torchrun or deepspeed)",
-        description="Train with MoESeq2SeqTrainer from a YAML config (sections data, model, training, evaluation; "
+        description="Train with MoESeq2SeqTrainer from a YAML config (sections data, model, training, evaluation, budget; "
         "see configs/). Multi-process: accelerate launch --config_file scripts/accelerate/<cfg>.yaml -m "
         "hf_moe_mt.cli train ...",
     )
@@ -23,29 +23,23 @@ def add_train_parser(subparsers) -> None:
     parser.add_argument("--resume-from", metavar="CHECKPOINT", help="continue from this checkpoint-N directory")
     parser.add_argument("--time-budget", type=float, metavar="MINUTES",
                         help="stop after this many minutes of training (or at training.max_steps, whichever comes "
-                        "first); a resumed run counts the time already spent")
-    parser.add_argument("--cooldown", type=float, default=0.0, metavar="FRACTION",
-                        help="with --time-budget: decay the learning rate linearly to zero over this last fraction "
-                        "of the budget (or of max_steps, whichever ends first), e.g. 0.2")
+                        "first); a resumed run counts the time already spent. Sets budget.minutes")
+    parser.add_argument("--cooldown", type=float, metavar="FRACTION",
+                        help="decay the learning rate linearly to zero over this last fraction of the run (of the "
+                        "time budget or of max_steps, whichever ends first), e.g. 0.2. Sets budget.cooldown")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="override config entries, e.g. training.max_steps=50 model.config.num_experts=8")
     parser.set_defaults(func=run_train)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from .budget import TimeBudgetCallback
     from .config import load_train_config
     from .run import run_training
 
-    if args.cooldown and args.time_budget is None:
-        raise ValueError("--cooldown decays the learning rate over the end of a --time-budget; add --time-budget "
-                         "MINUTES (without a budget use training.lr_scheduler_type=warmup_stable_decay)")
-    config = load_train_config(args.config, args.overrides)
-    if args.cooldown and config.training.get("lr_scheduler_type") == "reduce_lr_on_plateau":
-        raise ValueError("--cooldown scales a step-based schedule; training.lr_scheduler_type=reduce_lr_on_plateau "
-                         "has none (use inverse_sqrt, linear, cosine or constant)")
-    callbacks = [TimeBudgetCallback(args.time_budget, args.cooldown)] if args.time_budget is not None else []
-    summary = run_training(config, resume=args.resume_from or args.resume or None, callbacks=callbacks)
+    flags = [f"budget.minutes={args.time_budget}"] if args.time_budget is not None else []
+    flags += [f"budget.cooldown={args.cooldown}"] if args.cooldown is not None else []
+    config = load_train_config(args.config, [*args.overrides, *flags])
+    summary = run_training(config, resume=args.resume_from or args.resume or None)
     if _is_main_process():
         print(json.dumps(summary, default=str))
     leave_process_group()

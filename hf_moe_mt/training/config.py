@@ -1,4 +1,4 @@
-"""The `hf-moe-mt train` configuration: one YAML file with four sections, each a dataclass (the
+"""The `hf-moe-mt train` configuration: one YAML file with five sections, each a dataclass (the
 HfArgumentParser idea, one level deeper), plus `section.key=value` overrides from the command line.
 
     data:       DataConfig                 corpus, tokenizer, multitask mixing, dev slices
@@ -7,6 +7,7 @@ HfArgumentParser idea, one level deeper), plus `section.key=value` overrides fro
                                            deepspeed, save_steps, ...), with CPU-friendly defaults filled in;
                                            `bf16: auto` = bf16 where it is faster on the machine at hand
     evaluation: EvaluationConfig           BLEU every N steps on a dev slice, end-of-training plots
+    budget:     BudgetConfig               a wall-clock limit and a learning-rate cooldown at the end of the run
 
 Owns parsing and the checks that need no model (unknown keys, types); no torch.distributed, no deepspeed.
 """
@@ -93,11 +94,31 @@ class EvaluationConfig:
 
 
 @dataclass
+class BudgetConfig:
+    """`minutes`: stop after this many minutes of training, or at training.max_steps, whichever comes first.
+    `cooldown`: decay the learning rate linearly to zero over this last fraction of the run (of `minutes` or of
+    max_steps, whichever ends first): warmup-stable-decay for a run whose step count depends on the machine.
+    `hf-moe-mt train --time-budget / --cooldown` set them (hf_moe_mt.training.budget)."""
+
+    minutes: float | None = None
+    cooldown: float = 0.0
+
+    def __post_init__(self):
+        if self.minutes is not None and not (isinstance(self.minutes, (int, float)) and self.minutes > 0):
+            raise ValueError(f"budget.minutes (--time-budget) must be a positive number of minutes, got "
+                             f"{self.minutes!r}")
+        if not (isinstance(self.cooldown, (int, float)) and 0.0 <= self.cooldown < 1.0):
+            raise ValueError(f"budget.cooldown (--cooldown) must be a fraction of the run in [0, 1), got "
+                             f"{self.cooldown!r}")
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig
     model: ModelConfig
     training: dict  # Seq2SeqTrainingArguments kwargs; built by `training_arguments()` (that sets up devices)
     evaluation: EvaluationConfig
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
 
     @property
     def output_dir(self) -> str:
@@ -122,7 +143,7 @@ class TrainConfig:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "training": Seq2SeqTrainingArguments,
-            "evaluation": EvaluationConfig}
+            "evaluation": EvaluationConfig, "budget": BudgetConfig}
 
 
 def parse_value(text: str):
@@ -196,13 +217,18 @@ def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfi
     if unknown:
         raise ValueError(f"unknown config section(s) {', '.join(unknown)}; use {', '.join(SECTIONS)}")
     sections = {name: _check_section(name, cls, raw.get(name)) for name, cls in SECTIONS.items()}
+    budget = BudgetConfig(**sections["budget"])
+    if budget.cooldown and sections["training"].get("lr_scheduler_type") == "reduce_lr_on_plateau":
+        raise ValueError("budget.cooldown (--cooldown) scales a step-based schedule; training.lr_scheduler_type="
+                         "reduce_lr_on_plateau has none (use constant_with_warmup, inverse_sqrt, linear or cosine)")
     return TrainConfig(
         data=DataConfig(**sections["data"]),
         model=ModelConfig(**sections["model"]),
         training={**training_defaults(), **sections["training"]},
         evaluation=EvaluationConfig(**sections["evaluation"]),
+        budget=budget,
     )
 
 
-__all__ = ["DataConfig", "EvaluationConfig", "ModelConfig", "TrainConfig", "apply_override", "load_train_config",
+__all__ = ["BudgetConfig", "DataConfig", "EvaluationConfig", "ModelConfig", "TrainConfig", "apply_override", "load_train_config",
            "parse_value"]

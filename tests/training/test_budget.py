@@ -1,6 +1,7 @@
 """Training for a time budget: the callback stops at the step that crosses the budget and asks for a save; a
 resumed run counts the time recorded in the checkpoint; `hf-moe-mt train --time-budget` stops a real run
-before max_steps with a checkpoint whose trainer_state.json carries the time spent."""
+before max_steps with a checkpoint whose trainer_state.json carries the time spent. The cooldown decays the
+learning rate over the end of the budget or of max_steps, set by flags or by the config's `budget` section."""
 
 import json
 
@@ -138,22 +139,45 @@ def test_the_cooldown_is_a_fraction_below_one(cooldown):
         TimeBudgetCallback(1.0, cooldown)
 
 
-def test_train_command_cools_the_learning_rate_down_to_zero(fixture_data, tmp_path):
+@pytest.mark.parametrize("budget", [["--time-budget", "60", "--cooldown", "0.5"], ["budget.cooldown=0.5"]],
+                         ids=["flags-with-a-long-budget", "config-section-without-a-budget"])
+def test_train_command_cools_the_learning_rate_down_to_zero(fixture_data, tmp_path, budget):
     output = tmp_path / "run"
-    # a budget far longer than the run: max_steps ends it, the last half of the steps decays to zero
+    # max_steps ends the run (a budget far longer than it, or none): the last half of the steps decays to zero
     check_ok(run_cli(train_argv(fixture_data, output, "training.max_steps=8", "training.save_steps=100",
                                 "training.logging_steps=1", "training.warmup_steps=0",
                                 "training.lr_scheduler_type=constant", "training.eval_strategy=no",
-                                "evaluation.bleu_steps=0") + ["--time-budget", "60", "--cooldown", "0.5"]))
+                                "evaluation.bleu_steps=0") + budget))
     history = json.loads((output / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]
     rates = [row["learning_rate"] for row in history if "learning_rate" in row]
     peak = rates[0]
     # the factor agreed at the end of step s (progress s/8) is read by the scheduler in step s + 1, which sets
     # the rate step s + 2 uses (and logs): two steps of lag out of thousands in a real run
     assert rates == pytest.approx([peak] * 6 + [peak * 0.75, peak * 0.5])
+    recorded = json.loads((output / "train_config.json").read_text())["budget"]
+    assert recorded == {"minutes": 60.0 if "--time-budget" in budget else None, "cooldown": 0.5}
 
 
-def test_cooldown_without_a_budget_is_refused_in_one_line(fixture_data, tmp_path):
-    result = run_cli(train_argv(fixture_data, tmp_path / "run", "training.max_steps=2") + ["--cooldown", "0.2"])
+def test_without_a_budget_section_no_callback_is_added():
+    from hf_moe_mt.training.config import BudgetConfig
+
+    assert budget.budget_callback(BudgetConfig()) is None
+    limited = budget.budget_callback(BudgetConfig(minutes=5))
+    assert (limited.minutes, limited.cooldown) == (5.0, 0.0)
+    cooled = budget.budget_callback(BudgetConfig(cooldown=0.2))
+    assert cooled.minutes is None and cooled.progress(10**6, 50, 100) == 0.5  # no time limit: steps alone
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["budget.minutes=0"], r"budget.minutes \(--time-budget\) must be a positive number of minutes, got 0"),
+    (["budget.cooldown=1.0"], r"budget.cooldown \(--cooldown\) must be a fraction of the run in \[0, 1\)"),
+    (["budget.cooldown=0.2", "training.lr_scheduler_type=reduce_lr_on_plateau"],
+     "reduce_lr_on_plateau has none"),
+])
+def test_bad_budget_settings_are_refused_in_one_line(fixture_data, tmp_path, overrides, message):
+    import re
+
+    result = run_cli(train_argv(fixture_data, tmp_path / "run", "training.max_steps=2", *overrides))
     assert result.returncode != 0
-    assert "--cooldown decays the learning rate over the end of a --time-budget" in result.stderr
+    assert re.search(message, result.stderr) and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
