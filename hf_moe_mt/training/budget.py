@@ -2,8 +2,9 @@
 
 Why: a run that must fit a time (the quickstart's minutes on a CPU, a job slot on a cluster) cannot know how
 many steps the machine at hand will do; a fixed step count is too many on a slow machine and too few on a fast
-one. The learning-rate schedules this package ships for it (warmup + inverse square root) do not depend on
-`max_steps`, so stopping early leaves a correctly trained model, just a less trained one.
+one. The learning-rate schedules this package ships for it (warmup + inverse square root; warmup + a constant
+rate with the cooldown below) do not depend on `max_steps` alone, so stopping early leaves a correctly trained
+model, just a less trained one.
 
 The time counts from the start of training (corpus, tokenizer and model building excluded; dev evaluations
 and checkpoint saves during training included) and carries over a resume: the callback's elapsed time is saved

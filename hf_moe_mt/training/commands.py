@@ -13,8 +13,8 @@ def add_train_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "train",
         help="train a MoE translation model (single process, accelerate launch, torchrun or deepspeed)",
-        description="Train with MoESeq2SeqTrainer from a YAML config (sections data, model, training, evaluation, budget; "
-        "see configs/). Multi-process: accelerate launch --config_file scripts/accelerate/<cfg>.yaml -m "
+        description="Train with MoESeq2SeqTrainer from a YAML config (sections data, model, training, evaluation, "
+        "budget; see configs/). Multi-process: accelerate launch --config_file scripts/accelerate/<cfg>.yaml -m "
         "hf_moe_mt.cli train ...",
     )
     parser.add_argument("--config", required=True, help="YAML file (e.g. configs/tiny.yaml)")

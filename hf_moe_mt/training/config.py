@@ -230,5 +230,6 @@ def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfi
     )
 
 
-__all__ = ["BudgetConfig", "DataConfig", "EvaluationConfig", "ModelConfig", "TrainConfig", "apply_override", "load_train_config",
+__all__ = ["BudgetConfig", "DataConfig", "EvaluationConfig", "ModelConfig", "TrainConfig", "apply_override",
+           "load_train_config",
            "parse_value"]

@@ -258,7 +258,8 @@ def build_datasets(config: TrainConfig, corpus, tokenizer, args):
 def run_training(config: TrainConfig, resume: str | bool | None = None, callbacks=(), fast_cpu: bool = True) -> dict:
     """1. startup checks  2. training arguments (sets up torch.distributed)  3. corpus, tokenizer  4. model (on a
     CPU with the measured CPU backend unless `fast_cpu=False`, see hf_moe_mt.backends)  5. datasets
-    6. trainer + callbacks (the config's time budget and cooldown among them)  7. train  8. dev evaluation, final model, summary (main process)."""
+    6. trainer + callbacks (the config's time budget and cooldown among them)  7. train  8. dev evaluation,
+    final model, summary (main process)."""
     from ..data import MultitaskCollator
     from .budget import budget_callback
     from .evaluation import BleuCallback
