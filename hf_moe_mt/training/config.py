@@ -231,5 +231,4 @@ def load_train_config(path: str | None, overrides: list[str] = ()) -> TrainConfi
 
 
 __all__ = ["BudgetConfig", "DataConfig", "EvaluationConfig", "ModelConfig", "TrainConfig", "apply_override",
-           "load_train_config",
-           "parse_value"]
+           "load_train_config", "parse_value"]
