@@ -30,6 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .config import BudgetConfig
 from .metrics import collective_device
 
 
@@ -45,10 +46,7 @@ class TimeBudgetCallback(TrainerCallback, ExportableState):
     budget is saved. With `cooldown`, the last fraction of the run decays the learning rate linearly to zero."""
 
     def __init__(self, minutes: float | None, cooldown: float = 0.0):
-        if minutes is not None and not minutes > 0:
-            raise ValueError(f"time budget must be a positive number of minutes, got {minutes!r}")
-        if not 0.0 <= cooldown < 1.0:
-            raise ValueError(f"cooldown must be a fraction of the budget in [0, 1), got {cooldown!r}")
+        BudgetConfig(minutes, cooldown)  # the config section's checks and one-line errors
         self.minutes = float(minutes) if minutes is not None else None
         self.cooldown = float(cooldown)
         self.elapsed_before = 0.0  # seconds spent by earlier runs of a resumed training

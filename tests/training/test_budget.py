@@ -135,7 +135,7 @@ def test_cooldown_follows_max_steps_when_they_end_before_the_budget(clock):
 
 @pytest.mark.parametrize("cooldown", [-0.1, 1.0])
 def test_the_cooldown_is_a_fraction_below_one(cooldown):
-    with pytest.raises(ValueError, match=r"cooldown must be a fraction of the budget in \[0, 1\)"):
+    with pytest.raises(ValueError, match=r"budget.cooldown \(--cooldown\) must be a fraction of the run in \[0, 1\)"):
         TimeBudgetCallback(1.0, cooldown)
 
 
