@@ -51,7 +51,8 @@ def test_quickstart_builds_trains_exports_and_scores_every_direction(tmp_path, c
     assert all(0.0 <= score[metric] <= 100.0 for score in report["scores"].values() for metric in ("bleu", "chrf"))
     assert report["train"]["global_step"] == STEPS
     recorded = json.loads((output / "train" / "train_config.json").read_text())
-    assert recorded["budget"] == {"minutes": TIME_BUDGET_MINUTES, "cooldown": 0.0}  # the default time budget
+    # the default time budget, and the recipe's cooldown
+    assert recorded["budget"] == {"minutes": TIME_BUDGET_MINUTES, "cooldown": 0.2}
     # Untrained, or with a broken optimizer or loss, the loss stays near ln(800 tokens) = 6.7 nats; 30 steps of
     # this recipe reach ~5.6.
     history = json.loads((output / "train" / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())["log_history"]
