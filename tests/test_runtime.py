@@ -1,8 +1,12 @@
-"""The CPU memory setting (runtime.keep_freed_memory): freed tensors are reused without page faults."""
+"""The process settings of runtime.py: freed tensors are reused without page faults, huge pages and the larger
+oneDNN kernel cache are requested, and a user's own environment wins."""
 
 import os
 import subprocess
 import sys
+
+import pytest
+import torch
 
 SCRIPT = """
 import resource
@@ -45,3 +49,40 @@ def test_huge_pages_are_requested_by_the_call_and_a_users_opt_out_wins(monkeypat
     assert use_transparent_huge_pages() and os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "0")
     assert not use_transparent_huge_pages() and os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+
+
+CACHE_SCRIPT = """
+import sys
+from hf_moe_mt.runtime import keep_more_onednn_kernels
+applied = keep_more_onednn_kernels() if sys.argv[1] == "apply" else None
+import torch
+weight = torch.randn(8, 8)
+inputs = [torch.randn(rows, 8) for rows in range(1, 1201)]  # 1,200 shapes: more than oneDNN's default 1,024
+for _ in range(2):
+    for x in inputs:
+        torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+print("applied", applied)
+"""
+
+
+def _onednn_cache_events(apply: bool, capacity: str | None = None) -> tuple[str, dict[str, int]]:
+    """Run 1,200 oneDNN GEMM shapes twice in a fresh process; oneDNN's verbose log counts cache hits/misses."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1",
+           "ONEDNN_VERBOSE": "profile_create"}
+    if capacity is not None:
+        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = capacity
+    out = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, "apply" if apply else "plain"], capture_output=True,
+                         text=True, env=env, timeout=300, check=True).stdout
+    events = {kind: out.count(f"create:cache_{kind}") for kind in ("hit", "miss")}
+    return out.strip().splitlines()[-1], events
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_the_larger_onednn_cache_keeps_every_kernel_a_run_comes_back_to():
+    assert _onednn_cache_events(apply=False) == ("applied None", {"hit": 0, "miss": 2400})  # default: evicted
+    assert _onednn_cache_events(apply=True) == ("applied True", {"hit": 1200, "miss": 1200})
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+def test_a_users_own_onednn_cache_size_wins():
+    assert _onednn_cache_events(apply=True, capacity="1024") == ("applied False", {"hit": 0, "miss": 2400})
