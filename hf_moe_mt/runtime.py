@@ -36,7 +36,7 @@ def keep_more_onednn_kernels() -> bool:
     autocast a training step's shapes vary with the batch's padded length and with every expert's row count, so
     a run meets thousands of shapes; with room for only 1,024 the cache evicts kernels that come back a few steps
     later and recompiles them. With the larger cache the quickstart's bf16 steps were 1.46x faster on an AMX
-    Xeon (compilation had been a quarter of the step) for 2 GB more resident memory (docs/benchmarks.md). oneDNN
+    Xeon (compilation had been a quarter of the step) for 2-4 GB more peak memory (docs/benchmarks.md). oneDNN
     reads the variable once, when it first compiles a kernel: call this before any GEMM. Returns whether a cache
     larger than oneDNN's default is requested now."""
     os.environ.setdefault(ONEDNN_CACHE_VARIABLE, str(ONEDNN_CACHE_CAPACITY))
