@@ -6,7 +6,8 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+from hf_moe_mt.backends.cpu_gemm import onednn_available
 
 SCRIPT = """
 import resource
@@ -77,12 +78,20 @@ def _onednn_cache_events(apply: bool, capacity: str | None = None) -> tuple[str,
     return out.strip().splitlines()[-1], events
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+# Each GEMM call creates one primitive here (AMX Xeon); other CPUs may add a cached weight reorder or two, hence
+# the bounds rather than exact counts.
+NEEDS_ONEDNN = pytest.mark.skipif(not onednn_available(), reason="torch built without oneDNN")
+
+
+@NEEDS_ONEDNN
 def test_the_larger_onednn_cache_keeps_every_kernel_a_run_comes_back_to():
-    assert _onednn_cache_events(apply=False) == ("applied None", {"hit": 0, "miss": 2400})  # default: evicted
-    assert _onednn_cache_events(apply=True) == ("applied True", {"hit": 1200, "miss": 1200})
+    applied, events = _onednn_cache_events(apply=False)
+    assert applied == "applied None" and events["miss"] >= 2400  # the default cache evicted every shape
+    applied, events = _onednn_cache_events(apply=True)
+    assert applied == "applied True" and events["hit"] >= 1200 and events["miss"] <= 1210, events  # 2nd pass hits
 
 
-@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@NEEDS_ONEDNN
 def test_a_users_own_onednn_cache_size_wins():
-    assert _onednn_cache_events(apply=True, capacity="1024") == ("applied False", {"hit": 0, "miss": 2400})
+    applied, events = _onednn_cache_events(apply=True, capacity="1024")
+    assert applied == "applied False" and events["miss"] >= 2400
