@@ -162,7 +162,8 @@ def _prepare_output(root: Path, settings: dict, overwrite: bool) -> None:
         shutil.rmtree(root)
     if root.exists() and any(root.iterdir()):
         if not settings_file.is_file():
-            raise ValueError(f"{root} is not empty and holds no quickstart; choose another --output or pass --overwrite")
+            raise ValueError(f"{root} is not empty and holds no quickstart; choose another --output or pass "
+                             "--overwrite")
         previous = json.loads(settings_file.read_text())
         if previous != settings:
             raise ValueError(f"{root} holds a quickstart with other settings ({previous}); rerun with those to "
