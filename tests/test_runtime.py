@@ -22,13 +22,17 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
+def _run_in_a_fresh_process(script: str, *args: str, timeout: float, **variables: str) -> str:
+    """stdout of `script` in a new interpreter whose environment holds only `variables` besides the paths and one
+    thread: the settings under test are read once per process, so each case needs its own."""
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1", **variables}
+    return subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, check=True).stdout
+
+
 def _page_faults_of_a_repeated_allocation(opt_out: bool) -> tuple[str, int]:
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path), "THP_MEM_ALLOC_ENABLE": "0",
-           "OMP_NUM_THREADS": "1"}
-    if opt_out:
-        env["HF_MOE_MT_KEEP_FREED_MEMORY"] = "0"
-    applied, faults = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
-                                     timeout=120, check=True).stdout.split()
+    variables = {"THP_MEM_ALLOC_ENABLE": "0"} | ({"HF_MOE_MT_KEEP_FREED_MEMORY": "0"} if opt_out else {})
+    applied, faults = _run_in_a_fresh_process(SCRIPT, timeout=120, **variables).split()
     return applied, int(faults)
 
 
@@ -68,12 +72,9 @@ print("applied", applied)
 
 def _onednn_cache_events(apply: bool, capacity: str | None = None) -> tuple[str, dict[str, int]]:
     """Run 1,200 oneDNN GEMM shapes twice in a fresh process; oneDNN's verbose log counts cache hits/misses."""
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": ":".join(sys.path), "OMP_NUM_THREADS": "1",
-           "ONEDNN_VERBOSE": "profile_create"}
-    if capacity is not None:
-        env["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] = capacity
-    out = subprocess.run([sys.executable, "-c", CACHE_SCRIPT, "apply" if apply else "plain"], capture_output=True,
-                         text=True, env=env, timeout=300, check=True).stdout
+    variables = {"ONEDNN_VERBOSE": "profile_create"} | (
+        {"ONEDNN_PRIMITIVE_CACHE_CAPACITY": capacity} if capacity is not None else {})
+    out = _run_in_a_fresh_process(CACHE_SCRIPT, "apply" if apply else "plain", timeout=300, **variables)
     events = {kind: out.count(f"create:cache_{kind}") for kind in ("hit", "miss")}
     return out.strip().splitlines()[-1], events
 
