@@ -250,13 +250,14 @@ class MoEMTDenseFFN(nn.Module):
 
     def __init__(self, d_model: int, ffn_dim: int, activation: str, activation_dropout: float):
         super().__init__()
-        self.activation, self.activation_dropout = activation, activation_dropout
+        self.activation = activation
         self.up_proj = nn.Linear(d_model, ffn_dim)
+        self.activation_dropout = nn.Dropout(activation_dropout)
         self.down_proj = nn.Linear(ffn_dim, d_model)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = activation_forward(self.activation, self.up_proj(hidden_states))
-        hidden_states = F.dropout(hidden_states, p=self.activation_dropout, training=self.training)
+        hidden_states = self.activation_dropout(hidden_states)
         return self.down_proj(hidden_states)
 
 
@@ -307,7 +308,8 @@ class MoEMTLayer(GradientCheckpointingLayer):
 
     def __init__(self, config: MoEMTConfig, layer_idx: int):
         super().__init__()
-        self.layer_idx, self.dropout, self.moe_eom = layer_idx, config.dropout, config.moe_eom
+        self.layer_idx, self.moe_eom = layer_idx, config.moe_eom
+        self.residual_dropout = nn.Dropout(config.dropout)
 
     def _init_feed_forward(self, config: MoEMTConfig, stack: str) -> None:
         """Called last by subclasses, so parameters are listed in forward order (attention, then FFN)."""
@@ -320,7 +322,7 @@ class MoEMTLayer(GradientCheckpointingLayer):
             self.mlp = MoEMTDenseFFN(config.d_model, ffn_dim, config.activation_function, config.activation_dropout)
 
     def _residual(self, residual: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        return residual + F.dropout(hidden_states, p=self.dropout, training=self.training)
+        return residual + self.residual_dropout(hidden_states)
 
     def _feed_forward(self, hidden_states, padding_mask):
         """→ (hidden_states, aux_loss, z_loss, RouterInfo); the last three are None in a dense layer.
@@ -526,6 +528,7 @@ class MoEMTEncoder(MoEMTPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = build_token_embedding(config)
         self.embed_positions = build_positional_embedding(config)
+        self.embedding_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([MoEMTEncoderLayer(config, i) for i in range(config.encoder_layers)])
         self.layer_norm = nn.LayerNorm(config.d_model)
         self.gradient_checkpointing = False
@@ -547,7 +550,7 @@ class MoEMTEncoder(MoEMTPreTrainedModel):
         check_positions(self.config.max_position_embeddings, seq_length, 0)
         positions = self.embed_positions(make_position_ids(attention_mask, seq_length, 0, inputs_embeds.device))
         hidden_states = inputs_embeds + positions.to(inputs_embeds.dtype)
-        hidden_states = F.dropout(hidden_states, p=self.config.dropout, training=self.training)
+        hidden_states = self.embedding_dropout(hidden_states)
         # 2.
         attn_mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=inputs_embeds, attention_mask=attention_mask
@@ -582,6 +585,7 @@ class MoEMTDecoder(MoEMTPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = build_token_embedding(config)
         self.embed_positions = build_positional_embedding(config)
+        self.embedding_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList([MoEMTDecoderLayer(config, i) for i in range(config.decoder_layers)])
         self.layer_norm = nn.LayerNorm(config.d_model)
         self.gradient_checkpointing = False
@@ -618,7 +622,7 @@ class MoEMTDecoder(MoEMTPreTrainedModel):
         token_mask = attention_mask if attention_mask is not None and attention_mask.ndim == 2 else None
         position_ids = make_position_ids(token_mask, seq_length, past_length, inputs_embeds.device)
         hidden_states = inputs_embeds + self.embed_positions(position_ids).to(inputs_embeds.dtype)
-        hidden_states = F.dropout(hidden_states, p=self.config.dropout, training=self.training)
+        hidden_states = self.embedding_dropout(hidden_states)
         # 2. The MoE padding mask covers only the current tokens; the attention mask covers past + current.
         padding_mask = None if token_mask is None else token_mask[:, -seq_length:]
         if attention_mask is None and not is_torchdynamo_compiling():

@@ -18,6 +18,8 @@ makes the same model faster:
    run on oneDNN reading weights packed once into oneDNN's blocked layout and kept, also for a use whose
    training stays on torch's library (packed_weights.py: one more copy of those weights in memory
    while translating; a training step drops them).
+5. Every `nn.Dropout` draws its mask four elements per 64-bit random number (cpu_dropout.py) instead of
+   torch's one serial draw per element: the same distribution and seeding, a fraction of the time.
 Nothing of it is saved with the model; `disable_fast_cpu(model)` undoes it. The `hf-moe-mt` commands and the
 benchmark scripts call it; `HF_MOE_MT_CPU_GEMM=onednn|torch` forces a library, `=off` leaves models standard.
 Never imported by the model's own files.
@@ -39,6 +41,7 @@ from dataclasses import replace
 
 from torch import nn
 
+from .cpu_dropout import route_dropout, routes_to_fast_dropout
 from .cpu_experts import KERNELS as EXPERTS_KERNELS
 from .cpu_gemm import route_linear, routes_to_onednn
 from . import packed_weights
@@ -49,13 +52,15 @@ OFF = GemmChoice("off", "off", "override")
 _SAVED_KERNEL = "_kernel_without_backend"  # attribute on an experts module: its kernel before enable_fast_cpu
 
 
-def enable_fast_cpu(model: nn.Module, gemm: str = "auto", packed: bool | None = None) -> GemmChoice:
-    """Apply the CPU backend to `model` (any model: every exact `nn.Linear` is routed, and every hf_moe_mt
-    experts module gets the backend's experts kernel). `gemm`: "auto" (probe, or HF_MOE_MT_CPU_GEMM when set),
-    "onednn" or "torch". `packed`: whether inference GEMMs run on oneDNN with packed weights; None: where the
-    probe measured it faster (never under a `gemm` override, which sets the library only). Returns the choice
-    made; with HF_MOE_MT_CPU_GEMM=off and gemm "auto" it applies nothing and returns `OFF`. Calling it again
-    re-applies (e.g. after expert parallelism swapped experts)."""
+def enable_fast_cpu(model: nn.Module, gemm: str = "auto", packed: bool | None = None,
+                    dropout: bool = True) -> GemmChoice:
+    """Apply the CPU backend to `model` (any model: every exact `nn.Linear` and `nn.Dropout` is routed, and
+    every hf_moe_mt experts module gets the backend's experts kernel). `gemm`: "auto" (probe, or
+    HF_MOE_MT_CPU_GEMM when set), "onednn" or "torch". `packed`: whether inference GEMMs run on oneDNN with
+    packed weights; None: where the probe measured it faster (never under a `gemm` override, which sets the
+    library only). `dropout=False` keeps torch's dropout (its exact random stream, e.g. to repeat a run made
+    without the backend). Returns the choice made; with HF_MOE_MT_CPU_GEMM=off and gemm "auto" it applies
+    nothing and returns `OFF`. Calling it again re-applies (e.g. after expert parallelism swapped experts)."""
     if gemm == "auto" and os.environ.get(ENV_OVERRIDE) == "off":
         disable_fast_cpu(model)
         return OFF
@@ -65,6 +70,8 @@ def enable_fast_cpu(model: nn.Module, gemm: str = "auto", packed: bool | None = 
     for module in model.modules():
         if type(module) is nn.Linear:
             route_linear(module, choice.linear == "onednn", choice.linear_packed)
+        elif type(module) is nn.Dropout:
+            route_dropout(module, dropout)
     for experts in experts_modules(model):
         if not hasattr(experts, _SAVED_KERNEL):
             setattr(experts, _SAVED_KERNEL, experts.implementation)
@@ -74,10 +81,13 @@ def enable_fast_cpu(model: nn.Module, gemm: str = "auto", packed: bool | None = 
 
 
 def disable_fast_cpu(model: nn.Module) -> None:
-    """Back to the model's own kernels: plain `nn.Linear` forwards, the experts' kernel from before."""
+    """Back to the model's own kernels: plain `nn.Linear` and `nn.Dropout` forwards, the experts' kernel from
+    before."""
     for module in model.modules():
         if type(module) is nn.Linear and routes_to_onednn(module):
             route_linear(module, False)
+        elif type(module) is nn.Dropout and routes_to_fast_dropout(module):
+            route_dropout(module, False)
     packed_weights.forget(model.parameters())
     for experts in experts_modules(model):
         if hasattr(experts, _SAVED_KERNEL):
