@@ -193,8 +193,12 @@ def _row_sums_per_group(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tens
 # ------------------------------------------------------------------------------------------------------- bmm
 
 
-def bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation):
-    return _padded_bmm_ffn(x, tokens_per_expert, int(tokens_per_expert.max()), w1, b1, w2, b2, activation)
+def bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, rows_per_expert: int | None = None):
+    """`rows_per_expert`: the padded group size, at least the largest group (default: exactly that)."""
+    largest = int(tokens_per_expert.max())
+    if rows_per_expert is not None and rows_per_expert < largest:
+        raise ValueError(f"rows_per_expert={rows_per_expert} is below the largest group ({largest} rows)")
+    return _padded_bmm_ffn(x, tokens_per_expert, rows_per_expert or largest, w1, b1, w2, b2, activation)
 
 
 def _padded_bmm_ffn(x, tokens_per_expert, rows_per_expert, w1, b1, w2, b2, activation):

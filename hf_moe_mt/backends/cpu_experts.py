@@ -22,7 +22,7 @@ import torch
 from .. import moe_kernels
 from ..moe_kernels import ExpertGemms, needs_autograd
 from . import packed_weights
-from .cpu_gemm import onednn_linear, onednn_weight_grad, takes_onednn
+from .cpu_gemm import bucketed_rows, compiles_per_shape, onednn_linear, onednn_weight_grad, pad_rows, takes_onednn
 from .expert_threads import for_each_expert
 
 GEMM_LIBRARIES = ("onednn", "torch")
@@ -30,7 +30,10 @@ GEMM_LIBRARIES = ("onednn", "torch")
 
 class ThreadedGemms(ExpertGemms):
     """torch's own GEMMs; `workers`: experts spread over single-threaded workers, else one expert at a time
-    on the calling thread, each GEMM split over torch's intra-op threads."""
+    on the calling thread, each GEMM split over torch's intra-op threads. Where torch compiles a oneDNN kernel
+    per GEMM shape (bf16 on CPUs with native bf16), an expert's rows are padded with zero rows to
+    `bucketed_rows`: every expert's row count is data, and a kernel per count costs compile time each step and
+    memory in oneDNN's kernel cache for the whole run."""
 
     name = "torch"
 
@@ -39,6 +42,32 @@ class ThreadedGemms(ExpertGemms):
 
     def for_each_expert(self, work, bounds) -> None:
         for_each_expert(work, bounds, parallel=self.workers)
+
+    def linear_into(self, x, weight, bias, out) -> None:
+        rows = _padded_row_count(x)
+        if rows == x.shape[0]:
+            return super().linear_into(x, weight, bias, out)
+        out.copy_(torch.addmm(bias, pad_rows(x, rows), weight.t())[: x.shape[0]])
+
+    def ffn_into(self, x, w1, b1, w2, b2, activation, out) -> None:
+        rows = _padded_row_count(x)
+        if rows == x.shape[0]:
+            return super().ffn_into(x, w1, b1, w2, b2, activation, out)
+        padded_out = out.new_empty(rows, out.shape[1])
+        super().ffn_into(pad_rows(x, rows), w1, b1, w2, b2, activation, padded_out)
+        out.copy_(padded_out[: x.shape[0]])
+
+    def grads_into(self, grad_out, inputs, weight, grad_in, grad_weight) -> None:
+        rows = _padded_row_count(grad_out)
+        if rows == grad_out.shape[0]:
+            return super().grads_into(grad_out, inputs, weight, grad_in, grad_weight)
+        padded_grad = pad_rows(grad_out, rows)  # zero rows: nothing added to grad_weight
+        grad_in.copy_(torch.mm(padded_grad, weight)[: grad_out.shape[0]])
+        torch.mm(padded_grad.t(), pad_rows(inputs, rows), out=grad_weight)
+
+
+def _padded_row_count(x: torch.Tensor) -> int:
+    return bucketed_rows(x.shape[0]) if compiles_per_shape(x) else x.shape[0]
 
 
 class OneDNNGemms(ThreadedGemms):
@@ -95,8 +124,10 @@ class CpuExpertsKernel:
         if not needs_autograd(x, w1, b1, w2, b2):  # 2.
             return moe_kernels.loop_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, self.inference_gemms)
         packed_weights.forget_all()  # 3.
-        if self.bmm_for_uniform_groups and moe_kernels.prefers_padded_bmm(tokens_per_expert.tolist(), x.shape[0]):
-            return moe_kernels.bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation)  # 3.
+        counts = tokens_per_expert.tolist()
+        if self.bmm_for_uniform_groups and moe_kernels.prefers_padded_bmm(counts, x.shape[0]):  # 3.
+            rows = bucketed_rows(max(counts)) if compiles_per_shape(x) else max(counts)  # (see ThreadedGemms)
+            return moe_kernels.bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, rows_per_expert=rows)
         return moe_kernels.loop_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, self.gemms)
 
 

@@ -62,7 +62,14 @@ def bucketed_rows(rows: int) -> int:
     return -(-rows // step) * step
 
 
-def _pad_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
+def compiles_per_shape(x: torch.Tensor) -> bool:
+    """Whether torch's own GEMM on x runs as a oneDNN kernel JIT-compiled for each new shape: bf16 on a CPU
+    with native bf16 (torch sends those GEMMs to oneDNN; fp32 goes to MKL, which compiles nothing)."""
+    return _bf16_supported and x.dtype == torch.bfloat16 and x.device.type == "cpu" \
+        and not torch.compiler.is_compiling()
+
+
+def pad_rows(rows: torch.Tensor, count: int) -> torch.Tensor:
     """[m, k] → [count, k] with zero rows appended (rows itself when m == count)."""
     if rows.shape[0] == count:
         return rows
@@ -83,7 +90,7 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     count = rows.shape[0]
     if packed and packed_weights.packable(weight):
         weight = packed_weights.packed(weight)
-    out = torch.ops.mkldnn._linear_pointwise(_pad_rows(rows, bucketed_rows(count)), weight, bias, attr, [],
+    out = torch.ops.mkldnn._linear_pointwise(pad_rows(rows, bucketed_rows(count)), weight, bias, attr, [],
                                              algorithm)
     return out[:count].view(*x.shape[:-1], out.shape[-1])
 
@@ -92,7 +99,7 @@ def onednn_weight_grad(grad_out: torch.Tensor, inputs: torch.Tensor) -> torch.Te
     """dW = grad_outᵀ · inputs for 2-D grad_out [m, n], inputs [m, k] → [n, k]; the summed-over m is padded
     with zero rows to `bucketed_rows` (a new m would be a new oneDNN kernel, see there)."""
     count = bucketed_rows(grad_out.shape[0])
-    return torch.ops.mkldnn._linear_pointwise(_pad_rows(grad_out, count).t(), _pad_rows(inputs, count).t(), None,
+    return torch.ops.mkldnn._linear_pointwise(pad_rows(grad_out, count).t(), pad_rows(inputs, count).t(), None,
                                               "none", [], "")
 
 

@@ -1,14 +1,18 @@
 """backends/cpu_experts: the CPU backend's experts kernel follows its fixed rule (the loop on the worker threads or
 the calling thread as the kernel says, a padded bmm for near-uniform groups only where the probe measured it
-faster, the inference pass without autograd) and sizes oneDNN's backward GEMMs by the right FLOPs. Its numerics
+faster, the inference pass without autograd), sizes oneDNN's backward GEMMs by the right FLOPs, and pads expert
+rows to few shapes where GEMM kernels are compiled per shape. Its numerics
 are covered by every tests/moe test through the `kernel_path` fixture (threads_torch, threads_onednn)."""
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
+from hf_moe_mt import moe_kernels
 from hf_moe_mt.backends import cpu_experts, cpu_gemm
 from hf_moe_mt.moe_kernels import grouped_ffn
 
+from ..dispatch_spy import GEMM_OPS
 from ..moe.reference import assert_close_rel
 
 D, F_DIM = 8, 12
@@ -37,7 +41,6 @@ def test_training_runs_the_kernel_of_the_rule(gemm, bmm, counts, expected, path_
 
 
 def test_without_autograd_every_kernel_runs_the_loops_inference_pass(path_spy, monkeypatch):
-    from hf_moe_mt import moe_kernels
 
     calls, real = [], moe_kernels._inference_ffn
     monkeypatch.setattr(moe_kernels, "_inference_ffn", lambda *args: calls.append(1) or real(*args))
@@ -71,7 +74,6 @@ def test_expert_backward_sizes_its_gemms_by_rows_times_in_times_out(monkeypatch)
 
 def test_off_the_cpu_the_kernel_is_the_models_auto(monkeypatch):
     """Nothing in the backend is for GPUs: a non-CPU input goes to the model's own "auto" kernel."""
-    from hf_moe_mt import moe_kernels
 
     seen = []
     monkeypatch.setattr(moe_kernels, "auto_kernel", lambda x, *args: seen.append(x.device.type) or x)
@@ -116,3 +118,51 @@ def test_the_loop_uses_worker_threads_only_when_its_kernel_says_so(workers, monk
     finally:
         torch.set_num_threads(threads)
     assert seen and (threading.get_ident() in seen) != workers
+
+
+class _GemmShapes(TorchDispatchMode):
+    """Output shapes of the GEMMs that run on this thread."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func._schema.name.split("::")[-1] in GEMM_OPS:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def _run_with_grads(kernel, counts, grad_seed=1):
+    operands = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in _operands(counts)]
+    out = grouped_ffn(*operands, "gelu", kernel)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed)))
+    return [out] + [operands[i].grad for i in (0, 2, 3, 4, 5)]
+
+
+@pytest.mark.parametrize("bmm,counts", [(False, [70, 65, 100, 3]), (True, [66, 70, 68, 69])])
+def test_where_kernels_compile_per_shape_expert_rows_are_padded_to_buckets_with_the_same_results(
+        bmm, counts, monkeypatch):
+    """With per-shape kernels (bf16 on a CPU with native bf16; forced here so that fp32 can check the numbers)
+    the loop's GEMMs see bucketed row counts (65, 70 → 72; 100 → 104; 3 stays) and the padded bmm a bucketed
+    group size, forward and backward; outputs and every gradient equal the exact-row kernel's."""
+    kernel = cpu_experts.KERNELS["torch", bmm, False, False]  # the calling thread, where the spy sees GEMMs
+    expected = _run_with_grads("loop", counts)
+    monkeypatch.setattr(cpu_experts, "compiles_per_shape", lambda x: True)
+    with _GemmShapes() as spy:
+        results = _run_with_grads(kernel, counts)
+    for got, want in zip(results, expected):
+        assert_close_rel(got, want, rtol=1e-5)
+    rows = {shape[-2] for shape in spy.shapes if shape[-1] in (D, F_DIM) and shape[-2] not in (D, F_DIM)}
+    assert rows == ({72} if bmm else {72, 104, 3})
+
+
+def test_only_bf16_on_a_cpu_with_native_bf16_compiles_per_shape():
+    assert not cpu_experts.compiles_per_shape(torch.zeros(4, 4))
+    assert cpu_experts.compiles_per_shape(torch.zeros(4, 4, dtype=torch.bfloat16)) == cpu_gemm._bf16_supported
+
+
+def test_a_padded_group_below_the_largest_is_refused():
+    with pytest.raises(ValueError, match="rows_per_expert=3 is below the largest group"):
+        moe_kernels.bmm_kernel(*_operands([4, 2]), "relu", rows_per_expert=3)
