@@ -14,12 +14,12 @@ mode — `dropout` is exactly `F.dropout`. Never imported by the model's own fil
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
+
+from .instance_forward import replace_forward, replaced_forward
 
 _UNIFORM_BITS = 16
 _DRAWS_PER_INT64 = 64 // _UNIFORM_BITS
@@ -69,21 +69,12 @@ def _fast_dropout_forward(self: nn.Dropout, x: torch.Tensor) -> torch.Tensor:
 
 
 def route_dropout(module: nn.Dropout, fast: bool) -> None:
-    """Run this `nn.Dropout` through `dropout` (or back through its own forward), keeping its type: the forward
-    is replaced on the instance (under an accelerate hook, the forward that hook calls), as
-    `cpu_gemm.route_linear` does for Linear layers. `inplace=True` modules are left alone (their callers rely on
-    the input being overwritten)."""
-    if module.inplace:
-        return
-    attribute = "_old_forward" if hasattr(module, "_hf_hook") else "forward"
-    if fast:
-        setattr(module, attribute, types.MethodType(_fast_dropout_forward, module))
-    elif attribute == "forward":
-        module.__dict__.pop("forward", None)
-    else:
-        module._old_forward = types.MethodType(type(module).forward, module)
+    """Run this `nn.Dropout` through `dropout` (or back through its own forward), keeping its type
+    (instance_forward.py), as `cpu_gemm.route_linear` does for Linear layers. `inplace=True` modules are left
+    alone (their callers rely on the input being overwritten)."""
+    if not module.inplace:
+        replace_forward(module, _fast_dropout_forward if fast else None)
 
 
 def routes_to_fast_dropout(module: nn.Module) -> bool:
-    forward = module.__dict__.get("_old_forward" if hasattr(module, "_hf_hook") else "forward")
-    return getattr(forward, "__func__", None) is _fast_dropout_forward
+    return replaced_forward(module) is _fast_dropout_forward

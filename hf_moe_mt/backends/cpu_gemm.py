@@ -13,8 +13,6 @@ CPU autocast, torch.compile (inductor picks its own kernels), dtypes oneDNN does
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
@@ -22,6 +20,7 @@ from torch.nn import functional as F
 
 from ..moe_kernels import needs_autograd
 from . import packed_weights
+from .instance_forward import replace_forward, replaced_forward
 
 # oneDNN post-op (name, algorithm) that computes each activation fused into the GEMM; same names as moe_kernels.
 FUSED_ACTIVATIONS = {"relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_new": ("gelu", "tanh"),
@@ -167,19 +166,11 @@ _ONEDNN_FORWARDS = tuple(_ROUTED_FORWARDS.values())
 
 def route_linear(module: nn.Linear, on_onednn: bool, packed: bool = False) -> None:
     """Run this `nn.Linear` through `linear` (or back through its own forward), keeping its type, parameters
-    and state-dict keys: the forward is replaced on the instance, as accelerate's hooks do (and under an
-    accelerate hook, the forward that hook calls). Bound to the module, so `copy.deepcopy` follows it.
-    `on_onednn`: training and inference GEMMs on oneDNN. `packed`: its inference GEMMs read a kept blocked
-    copy of the weight on oneDNN (packed_weights.py), also where training stays on torch's library."""
-    attribute = "_old_forward" if hasattr(module, "_hf_hook") else "forward"
-    if on_onednn or packed:
-        setattr(module, attribute, types.MethodType(_ROUTED_FORWARDS[on_onednn, packed], module))
-    elif attribute == "forward":
-        module.__dict__.pop("forward", None)
-    else:
-        module._old_forward = types.MethodType(nn.Linear.forward, module)
+    and state-dict keys (instance_forward.py). `on_onednn`: training and inference GEMMs on oneDNN. `packed`:
+    its inference GEMMs read a kept blocked copy of the weight on oneDNN (packed_weights.py), also where
+    training stays on torch's library."""
+    replace_forward(module, _ROUTED_FORWARDS[on_onednn, packed] if on_onednn or packed else None)
 
 
 def routes_to_onednn(module: nn.Module) -> bool:
-    forward = module.__dict__.get("_old_forward" if hasattr(module, "_hf_hook") else "forward")
-    return getattr(forward, "__func__", None) in _ONEDNN_FORWARDS
+    return replaced_forward(module) in _ONEDNN_FORWARDS
