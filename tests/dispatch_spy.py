@@ -11,11 +11,12 @@ GEMM_OPS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "_linear_pointwise"}
 
 
 class GemmSpy(TorchDispatchMode):
-    """Records (op, (dtypes of its floating-point operands), output columns, thread name) for every GEMM."""
+    """Records (op, (dtypes of its floating-point operands), output columns, thread name) for every GEMM, and
+    its output shape in `shapes`."""
 
     def __init__(self):
         super().__init__()
-        self.calls = []
+        self.calls, self.shapes = [], []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -23,6 +24,7 @@ class GemmSpy(TorchDispatchMode):
         if name in GEMM_OPS:
             dtypes = tuple(a.dtype for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
             self.calls.append((name, dtypes, out.shape[-1], threading.current_thread().name))
+            self.shapes.append(tuple(out.shape))
         return out
 
     def dtypes(self, worker_threads_only: bool = False) -> set:

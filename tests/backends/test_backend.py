@@ -15,7 +15,7 @@ from hf_moe_mt import MoEMTForConditionalGeneration
 from hf_moe_mt.backends import OFF, cpu_experts, cpu_gemm, disable_fast_cpu, enable_fast_cpu, experts_modules
 from hf_moe_mt.moe import GroupedExperts
 
-from ..modeling.conftest import make_model, random_batch
+from ..modeling.conftest import loss_and_grads, make_model, random_batch
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.onednn_available(), reason="torch built without oneDNN")
 
@@ -44,23 +44,15 @@ def two_threads():
     torch.set_num_threads(threads)
 
 
-def _loss_and_grads(model, batch):
-    torch.manual_seed(0)  # same jitter/dropout draws in every run
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("gemm", ["onednn", "torch"])
 def test_training_with_the_backend_gives_the_standard_loss_and_gradients(gemm, onednn_shapes, two_threads):
     """Every Linear (attention, dense FFN, LM head) and the experts on the backend, forward and backward, on two
     threads (the experts then run on the worker threads): loss and every gradient equal the standard kernels'."""
     model, batch = make_model(num_experts_per_tok=2).train(), random_batch()
-    expected_loss, expected_grads = _loss_and_grads(model, batch)
+    expected_loss, expected_grads = loss_and_grads(model, batch)
     choice = enable_fast_cpu(model, gemm=gemm)
     assert (choice.linear, choice.experts, choice.source) == (gemm, gemm, "override")
-    loss, grads = _loss_and_grads(model, batch)
+    loss, grads = loss_and_grads(model, batch)
     config = model.config
     if gemm == "onednn":
         assert {(config.vocab_size, config.d_model), (config.d_model, config.vocab_size),  # LM head forward, dx

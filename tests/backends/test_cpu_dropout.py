@@ -6,12 +6,11 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from hf_moe_mt.backends import disable_fast_cpu, enable_fast_cpu
 from hf_moe_mt.backends.cpu_dropout import dropout, keep_mask, routes_to_fast_dropout
 
-from ..modeling.conftest import make_model, random_batch
+from ..modeling.conftest import loss_and_grads, make_model, random_batch
 
 
 def _within_binomial(kept: int, trials: int, probability: float, sigmas: float = 5.0) -> bool:
@@ -106,21 +105,13 @@ def test_an_inplace_dropout_is_left_alone():
     assert [routes_to_fast_dropout(m) for m in model[1:]] == [False, True]
 
 
-def _loss_and_grads(model, batch):
-    torch.manual_seed(0)
-    model.zero_grad(set_to_none=True)
-    loss = model(**batch).loss
-    loss.backward()
-    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
-
-
 def test_gradient_checkpointing_recomputes_the_same_masks():
     """Recomputing a layer must draw the same masks, or its gradients would belong to another forward."""
     model, batch = _dropout_model(), random_batch()
     enable_fast_cpu(model, gemm="torch")
-    expected_loss, expected_grads = _loss_and_grads(model, batch)
+    expected_loss, expected_grads = loss_and_grads(model, batch)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loss, grads = _loss_and_grads(model, batch)
+    loss, grads = loss_and_grads(model, batch)
     torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-6, atol=1e-7, msg=name)

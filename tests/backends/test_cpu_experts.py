@@ -6,13 +6,12 @@ are covered by every tests/moe test through the `kernel_path` fixture (threads_t
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from hf_moe_mt import moe_kernels
 from hf_moe_mt.backends import cpu_experts, cpu_gemm
 from hf_moe_mt.moe_kernels import grouped_ffn
 
-from ..dispatch_spy import GEMM_OPS
+from ..dispatch_spy import GemmSpy
 from ..moe.reference import assert_close_rel
 
 D, F_DIM = 8, 12
@@ -41,7 +40,6 @@ def test_training_runs_the_kernel_of_the_rule(gemm, bmm, counts, expected, path_
 
 
 def test_without_autograd_every_kernel_runs_the_loops_inference_pass(path_spy, monkeypatch):
-
     calls, real = [], moe_kernels._inference_ffn
     monkeypatch.setattr(moe_kernels, "_inference_ffn", lambda *args: calls.append(1) or real(*args))
     with torch.no_grad():
@@ -74,7 +72,6 @@ def test_expert_backward_sizes_its_gemms_by_rows_times_in_times_out(monkeypatch)
 
 def test_off_the_cpu_the_kernel_is_the_models_auto(monkeypatch):
     """Nothing in the backend is for GPUs: a non-CPU input goes to the model's own "auto" kernel."""
-
     seen = []
     monkeypatch.setattr(moe_kernels, "auto_kernel", lambda x, *args: seen.append(x.device.type) or x)
     x = torch.randn(4, D, device="meta")
@@ -120,20 +117,6 @@ def test_the_loop_uses_worker_threads_only_when_its_kernel_says_so(workers, monk
     assert seen and (threading.get_ident() in seen) != workers
 
 
-class _GemmShapes(TorchDispatchMode):
-    """Output shapes of the GEMMs that run on this thread."""
-
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func._schema.name.split("::")[-1] in GEMM_OPS:
-            self.shapes.append(tuple(out.shape))
-        return out
-
-
 def _run_with_grads(kernel, counts, grad_seed=1):
     operands = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in _operands(counts)]
     out = grouped_ffn(*operands, "gelu", kernel)
@@ -150,7 +133,7 @@ def test_where_kernels_compile_per_shape_expert_rows_are_padded_to_buckets_with_
     kernel = cpu_experts.KERNELS["torch", bmm, False, False]  # the calling thread, where the spy sees GEMMs
     expected = _run_with_grads("loop", counts)
     monkeypatch.setattr(cpu_experts, "compiles_per_shape", lambda x: True)
-    with _GemmShapes() as spy:
+    with GemmSpy() as spy:
         results = _run_with_grads(kernel, counts)
     for got, want in zip(results, expected):
         assert_close_rel(got, want, rtol=1e-5)

@@ -45,6 +45,15 @@ def random_batch(batch_size: int = 3, src_len: int = 9, tgt_len: int = 7, vocab_
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+def loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One training forward and backward from seed 0 (the same jitter and dropout draws in every call)."""
+    torch.manual_seed(0)
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
 @pytest.fixture(autouse=True, scope="package")
 def _one_thread():
     """Tiny GEMMs run faster on one thread, and do not stall when other jobs share the 2 cores."""
