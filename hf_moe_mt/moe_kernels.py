@@ -116,14 +116,21 @@ def _grouped_mm_supported(x: torch.Tensor, w1: torch.Tensor) -> bool:
 # ------------------------------------------------------------------------------------------------ activations
 
 
-def activation_forward(name: str, h: torch.Tensor) -> torch.Tensor:
+def activation_forward(name: str, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """act(h), into `out` when given (a buffer of h's shape the caller chose, see `ExpertGemms.new_buffer`)."""
+    if out is None:
+        if name == "relu":
+            return torch.relu(h)
+        if name == "gelu":
+            return F.gelu(h)
+        if name == "gelu_new":
+            return F.gelu(h, approximate="tanh")
+        return F.silu(h)
     if name == "relu":
-        return torch.relu(h)
-    if name == "gelu":
-        return F.gelu(h)
-    if name == "gelu_new":
-        return F.gelu(h, approximate="tanh")
-    return F.silu(h)
+        return torch.clamp_min(h, 0, out=out)  # what torch.relu computes
+    if name in ("gelu", "gelu_new"):
+        return torch.ops.aten.gelu.out(h, approximate="none" if name == "gelu" else "tanh", out=out)
+    return torch.ops.aten.silu.out(h, out=out)
 
 
 def activation_backward(name: str, grad: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -193,15 +200,22 @@ def _row_sums_per_group(rows: torch.Tensor, offsets: torch.Tensor) -> torch.Tens
 # ------------------------------------------------------------------------------------------------------- bmm
 
 
-def bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, rows_per_expert: int | None = None):
-    """`rows_per_expert`: the padded group size, at least the largest group (default: exactly that)."""
+def bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, rows_per_expert: int | None = None,
+               new_buffer: Callable[..., torch.Tensor] | None = None):
+    """`rows_per_expert`: the padded group size, at least the largest group (default: exactly that).
+    `new_buffer(like, *shape)`: where the batched GEMMs' outputs come from (default `like.new_empty(shape)`)."""
     largest = int(tokens_per_expert.max())
     if rows_per_expert is not None and rows_per_expert < largest:
         raise ValueError(f"rows_per_expert={rows_per_expert} is below the largest group ({largest} rows)")
-    return _padded_bmm_ffn(x, tokens_per_expert, rows_per_expert or largest, w1, b1, w2, b2, activation)
+    return _padded_bmm_ffn(x, tokens_per_expert, rows_per_expert or largest, w1, b1, w2, b2, activation,
+                           new_buffer or _new_empty)
 
 
-def _padded_bmm_ffn(x, tokens_per_expert, rows_per_expert, w1, b1, w2, b2, activation):
+def _new_empty(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    return like.new_empty(shape)
+
+
+def _padded_bmm_ffn(x, tokens_per_expert, rows_per_expert, w1, b1, w2, b2, activation, new_buffer):
     """Scatter rows into [E, M, D] (M = largest group), two batched GEMMs, gather back.
 
     Padding rows are zero, so they add nothing to any weight gradient.
@@ -211,7 +225,8 @@ def _padded_bmm_ffn(x, tokens_per_expert, rows_per_expert, w1, b1, w2, b2, activ
     starts = torch.cumsum(tokens_per_expert, 0) - tokens_per_expert
     slot = expert * rows_per_expert + (torch.arange(x.shape[0], device=x.device) - starts[expert])
     padded = x.new_zeros(num_experts * rows_per_expert, hidden).index_copy(0, slot, x)
-    y = _BatchedFFN.apply(padded.view(num_experts, rows_per_expert, hidden), w1, b1, w2, b2, activation)
+    y = _BatchedFFN.apply(padded.view(num_experts, rows_per_expert, hidden), w1, b1, w2, b2, activation,
+                          new_buffer)
     return y.view(-1, hidden).index_select(0, slot)
 
 
@@ -221,24 +236,29 @@ class _BatchedFFN(torch.autograd.Function):
     AccumulateGrad then spends more time on a strided copy than the GEMMs take."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, activation):
-        h = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2))  # [E, M, F]
-        y = torch.baddbmm(b2.unsqueeze(1), activation_forward(activation, h), w2.transpose(1, 2))  # [E, M, D]
+    def forward(ctx, x, w1, b1, w2, b2, activation, new_buffer):
+        num_experts, rows = x.shape[:2]
+        h = torch.baddbmm(b1.unsqueeze(1), x, w1.transpose(1, 2),
+                          out=new_buffer(x, num_experts, rows, w1.shape[1]))  # [E, M, F]
+        a = activation_forward(activation, h, out=new_buffer(h, *h.shape))
+        y = torch.baddbmm(b2.unsqueeze(1), a, w2.transpose(1, 2),
+                          out=new_buffer(x, num_experts, rows, w2.shape[1]))  # [E, M, D]
         ctx.save_for_backward(x, h, w1, w2)
-        ctx.activation = activation
+        ctx.activation, ctx.new_buffer = activation, new_buffer
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, h, w1, w2 = ctx.saved_tensors
         grad_y = grad_y.contiguous()
-        a = activation_forward(ctx.activation, h)
-        grad_w2 = torch.bmm(grad_y.transpose(1, 2), a)  # [E, D, F]
-        grad_h = activation_backward(ctx.activation, torch.bmm(grad_y, w2), h)  # [E, M, F]
+        new_buffer = ctx.new_buffer
+        a = activation_forward(ctx.activation, h, out=new_buffer(h, *h.shape))
+        grad_w2 = torch.bmm(grad_y.transpose(1, 2), a, out=new_buffer(w2, *w2.shape))  # [E, D, F]
+        grad_h = activation_backward(ctx.activation, torch.bmm(grad_y, w2, out=new_buffer(h, *h.shape)), h)
         del a
-        grad_w1 = torch.bmm(grad_h.transpose(1, 2), x)  # [E, F, D]
+        grad_w1 = torch.bmm(grad_h.transpose(1, 2), x, out=new_buffer(w1, *w1.shape))  # [E, F, D]
         grad_x = torch.bmm(grad_h, w1)  # [E, M, D]
-        return grad_x, grad_w1, grad_h.sum(dim=1), grad_w2, grad_y.sum(dim=1), None
+        return grad_x, grad_w1, grad_h.sum(dim=1), grad_w2, grad_y.sum(dim=1), None, None
 
 
 
@@ -252,6 +272,11 @@ class ExpertGemms:
     the backward stays in `_LoopFFN`. Every method writes only its own expert's slices."""
 
     name = "torch"
+
+    def new_buffer(self, like: torch.Tensor, *shape: int) -> torch.Tensor:
+        """An uninitialised tensor the kernel will write in full (activations, gradients); a backend may place
+        large ones differently."""
+        return like.new_empty(shape)
 
     def for_each_expert(self, work: Callable[[int, int, int], None], bounds: list[tuple[int, int]]) -> None:
         """Call `work(expert, lo, hi)` for every expert (rows lo:hi)."""
@@ -303,10 +328,10 @@ class _LoopFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, counts, w1, b1, w2, b2, activation, gemms):
         bounds = _bounds(counts)
-        h = x.new_empty(x.shape[0], w1.shape[1])  # [R, F]
+        h = gemms.new_buffer(x, x.shape[0], w1.shape[1])  # [R, F]
         gemms.for_each_expert(_linear_into(gemms, x, w1, b1, h), bounds)
-        a = activation_forward(activation, h)
-        y = x.new_empty(x.shape[0], w2.shape[1])  # [R, D]
+        a = activation_forward(activation, h, out=gemms.new_buffer(h, *h.shape))
+        y = gemms.new_buffer(x, x.shape[0], w2.shape[1])  # [R, D]
         gemms.for_each_expert(_linear_into(gemms, a, w2, b2, y), bounds)
         ctx.save_for_backward(x, h, w1, w2)
         ctx.bounds, ctx.activation, ctx.gemms = bounds, activation, gemms
@@ -317,15 +342,16 @@ class _LoopFFN(torch.autograd.Function):
         """1. through W2 (grad_a, dW2, db2)  2. through the activation  3. through W1 (grad_x, dW1, db1)."""
         x, h, w1, w2 = ctx.saved_tensors
         grad_y = grad_y.contiguous()
-        a = activation_forward(ctx.activation, h)  # recomputed: cheaper than keeping [R, F] alive
+        # act(h) recomputed: cheaper than keeping [R, F] alive
+        a = activation_forward(ctx.activation, h, out=ctx.gemms.new_buffer(h, *h.shape))
         # 1.
-        grad_a = torch.empty_like(h)
+        grad_a = ctx.gemms.new_buffer(h, *h.shape)
         grad_w2, grad_b2 = _per_expert_weight_grads(ctx.gemms, ctx.bounds, grad_y, a, w2, grad_a)
         # 2.
         grad_h = activation_backward(ctx.activation, grad_a, h)
         del grad_a, a
         # 3.
-        grad_x = torch.empty_like(x)
+        grad_x = ctx.gemms.new_buffer(x, *x.shape)
         grad_w1, grad_b1 = _per_expert_weight_grads(ctx.gemms, ctx.bounds, grad_h, x, w1, grad_x)
         return grad_x, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None
 
@@ -342,7 +368,7 @@ def _linear_into(gemms: ExpertGemms, inputs, weight, bias, out):
 
 def _per_expert_weight_grads(gemms: ExpertGemms, bounds, grad_out, inputs, weight, grad_in):
     """For out_e = in_e Wᵀ + b: writes grad_in rows, returns (dW [E, O, I], db [E, O]) slice by slice."""
-    grad_weight = torch.empty_like(weight)
+    grad_weight = gemms.new_buffer(weight, *weight.shape)
     grad_bias = weight.new_empty(weight.shape[0], weight.shape[1])
 
     def expert_grads(e: int, lo: int, hi: int) -> None:

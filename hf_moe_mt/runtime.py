@@ -13,6 +13,7 @@ import sys
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 _M_MMAP_MAX = -4
 OPT_OUT = "HF_MOE_MT_KEEP_FREED_MEMORY"  # set to 0 to leave glibc's defaults alone
+_keeping_freed_memory = False  # set once keep_freed_memory() applied its settings in this process
 
 
 THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"  # PyTorch's switch; set it to 0 yourself to opt out
@@ -72,7 +73,14 @@ def keep_freed_memory() -> bool:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    global _keeping_freed_memory
+    _keeping_freed_memory = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+    return _keeping_freed_memory
+
+
+def keeps_freed_memory() -> bool:
+    """Whether `keep_freed_memory()` applied its settings in this process."""
+    return _keeping_freed_memory
 
 
 def release_freed_memory() -> bool:

@@ -21,7 +21,7 @@ import torch
 
 from .. import moe_kernels
 from ..moe_kernels import ExpertGemms, needs_autograd
-from . import packed_weights
+from . import huge_pages, packed_weights
 from .cpu_gemm import bucketed_rows, compiles_per_shape, onednn_linear, onednn_weight_grad, pad_rows, takes_onednn
 from .expert_threads import for_each_expert
 
@@ -33,12 +33,16 @@ class ThreadedGemms(ExpertGemms):
     on the calling thread, each GEMM split over torch's intra-op threads. Where torch compiles a oneDNN kernel
     per GEMM shape (bf16 on CPUs with native bf16), an expert's rows are padded with zero rows to
     `bucketed_rows`: every expert's row count is data, and a kernel per count costs compile time each step and
-    memory in oneDNN's kernel cache for the whole run."""
+    memory in oneDNN's kernel cache for the whole run. Large buffers (weight gradients, activations) go on
+    transparent huge pages where that saves page faults (huge_pages.py)."""
 
     name = "torch"
 
     def __init__(self, workers: bool = True):
         self.workers = workers
+
+    def new_buffer(self, like, *shape) -> torch.Tensor:
+        return huge_pages.new_buffer(like, *shape)
 
     def for_each_expert(self, work, bounds) -> None:
         for_each_expert(work, bounds, parallel=self.workers)
@@ -127,7 +131,8 @@ class CpuExpertsKernel:
         counts = tokens_per_expert.tolist()
         if self.bmm_for_uniform_groups and moe_kernels.prefers_padded_bmm(counts, x.shape[0]):  # 3.
             rows = bucketed_rows(max(counts)) if compiles_per_shape(x) else max(counts)  # (see ThreadedGemms)
-            return moe_kernels.bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, rows_per_expert=rows)
+            return moe_kernels.bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, rows_per_expert=rows,
+                                          new_buffer=self.gemms.new_buffer)
         return moe_kernels.loop_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, self.gemms)
 
 
