@@ -13,7 +13,9 @@ makes the same model faster:
    keys unchanged; exactly F.linear off the CPU, under autocast and torch.compile).
 3. The experts run `cpu_experts.CpuExpertsKernel`: per-expert GEMMs, concurrently on single-threaded worker
    threads or one expert at a time on the library's own threads, whichever the probe measured faster (and,
-   where it measured it faster, near-uniform groups as one padded batched GEMM).
+   where it measured it faster, near-uniform groups as one padded batched GEMM). Its large fresh buffers
+   (stacked weight gradients, [rows, ffn] activations) go on transparent huge pages in a process without our
+   memory settings, where glibc would page-fault them in 4 KiB at a time every step (huge_pages.py).
 4. Where the probe measured it faster than the use's own plain GEMMs, inference GEMMs (translation, evaluation)
    run on oneDNN reading weights packed once into oneDNN's blocked layout and kept, also for a use whose
    training stays on torch's library (packed_weights.py: one more copy of those weights in memory
