@@ -9,7 +9,8 @@ an explicit choice, `implementation` of `grouped_ffn` (a model sets it from `con
 - "loop": per-expert GEMMs inside one autograd.Function whose backward writes each weight gradient straight
   into its slice of one [E, …] tensor (no per-expert full-size zero tensors); without autograd (translation)
   both GEMMs of an expert run back to back, so its hidden rows stay in cache. How and where the per-expert
-  GEMMs run is an `ExpertGemms` object: torch's own ops on the calling thread here; backends supply others.
+  GEMMs run, and where its large buffers come from, is an `ExpertGemms` object: torch's own ops on the calling
+  thread here; backends supply others.
 - "bmm": rows scattered into a padded [E, max rows, D] batch and two batched GEMMs (CPU libraries parallelise
   a batched GEMM over experts; near-uniform groups waste little padding).
 - "auto": the fixed rule of `auto_kernel_name`.
@@ -208,11 +209,7 @@ def bmm_kernel(x, tokens_per_expert, w1, b1, w2, b2, activation, rows_per_expert
     if rows_per_expert is not None and rows_per_expert < largest:
         raise ValueError(f"rows_per_expert={rows_per_expert} is below the largest group ({largest} rows)")
     return _padded_bmm_ffn(x, tokens_per_expert, rows_per_expert or largest, w1, b1, w2, b2, activation,
-                           new_buffer or _new_empty)
-
-
-def _new_empty(like: torch.Tensor, *shape: int) -> torch.Tensor:
-    return like.new_empty(shape)
+                           new_buffer or TORCH_GEMMS.new_buffer)
 
 
 def _padded_bmm_ffn(x, tokens_per_expert, rows_per_expert, w1, b1, w2, b2, activation, new_buffer):
